@@ -1,0 +1,1 @@
+"""Site data: synthetic generation, DICOM and FHIR ingestion, pseudonymisation, cohorts."""
