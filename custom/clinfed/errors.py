@@ -1,5 +1,8 @@
 """Exception types a site operator can act on: each names the file or record and what is wrong."""
 
+# FHIR errors are raised by fhir_adapter, which does not depend on clinfed: one type, defined there.
+from fhir_adapter.errors import FhirInputError  # noqa: F401  (re-exported)
+
 
 class ClinfedError(Exception):
     """Base class of every error clinfed raises on purpose."""
@@ -12,19 +15,6 @@ class DicomInputError(ClinfedError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
-
-
-class FhirInputError(ClinfedError):
-    """A FHIR resource cannot be used. The message names the file, line and resource."""
-
-    def __init__(self, path, line: int | None, problem: str, resource: str | None = None):
-        self.path = str(path)
-        self.line = line
-        self.resource = resource
-        self.problem = problem
-        where = f"{self.path}:{line}" if line is not None else self.path
-        what = f" ({resource})" if resource else ""
-        super().__init__(f"{where}{what}: {problem}")
 
 
 class ConfigError(ClinfedError):

@@ -18,7 +18,7 @@ from clinfed.data.dicom_io import read_seg, read_series
 from clinfed.data.profiles import STUDY_ID
 from clinfed.data.pseudonym import Pseudonymiser
 from clinfed.errors import DicomInputError
-from fhir_adapter import harmonise_site
+from fhir_adapter import HarmonisedRow, harmonise_site
 
 # Exclusion reasons, in the order the report lists them.
 NO_CONSENT = "no consent"
@@ -77,17 +77,17 @@ class SiteIngestion:
         }
 
 
-def ehr_vector(row) -> np.ndarray:
+def ehr_vector(row: HarmonisedRow) -> np.ndarray:
     """Harmonised FHIR row -> fixed-length model input; missing labs imputed and flagged."""
-    glucose = row["glucose_mmol_l"]
-    creatinine = row["creatinine_umol_l"]
+    glucose = row.glucose_mmol_l
+    creatinine = row.creatinine_umol_l
     return np.array([
-        (row["age_at_study"] or 0.0) / 10.0 - 6.0,
-        float(row["sex_female"] or 0),
+        (row.age_at_study or 0.0) / 10.0 - 6.0,
+        float(row.sex_female or 0),
         0.0 if glucose is None else (glucose - 6.0) / 1.6,
         0.0 if creatinine is None else (creatinine - 80.0) / 20.0,
-        float(row["dx_diabetes"]),
-        float(row["dx_hypertension"]),
+        float(row.dx_diabetes),
+        float(row.dx_hypertension),
         float(glucose is None),
         float(creatinine is None),
     ], dtype=np.float32)
@@ -144,9 +144,9 @@ def ingest_site(site_dir: Path, study_id: str = STUDY_ID, pseudonymise: Pseudony
         if row is None:
             result.exclusions.append(Exclusion(pseudonym, INVALID_FHIR, f"{folder.name}: no valid FHIR Patient for this study's patient"))
             continue
-        if row["consent_status"] != "active":
-            reason = CONSENT_REVOKED if row["consent_status"] == "revoked" else NO_CONSENT
-            result.exclusions.append(Exclusion(pseudonym, reason, f"consent for study {study_id}: {row['consent_status']}"))
+        if row.consent_status != "active":
+            reason = CONSENT_REVOKED if row.consent_status == "revoked" else NO_CONSENT
+            result.exclusions.append(Exclusion(pseudonym, reason, f"consent for study {study_id}: {row.consent_status}"))
             continue
         segs = _seg_files(folder)
         if len(segs) != 1:
@@ -158,11 +158,11 @@ def ingest_site(site_dir: Path, study_id: str = STUDY_ID, pseudonymise: Pseudony
         except DicomInputError as err:
             result.exclusions.append(Exclusion(pseudonym, MISSING_LABEL, _relative(err, site_dir)))
             continue
-        if row["outcome_high_grade"] is None:
+        if row.outcome_high_grade is None:
             result.exclusions.append(Exclusion(pseudonym, MISSING_OUTCOME, "no tumour grade Observation"))
             continue
         result.cases.append(Case(pseudonym, volume.array, label, tuple(volume.spacing), ehr_vector(row),
-                                 int(row["outcome_high_grade"])))
+                                 int(row.outcome_high_grade)))
 
     for pseudonym in sorted(set(ehr.rows) - seen):
         result.exclusions.append(Exclusion(pseudonym, NO_IMAGING, "FHIR Patient without an imaging study folder"))

@@ -1,0 +1,1 @@
+"""Server-side aggregators (FLARE ModelAggregator), one class per algorithm."""

@@ -1,0 +1,215 @@
+"""FHIR R4 resources for a synthetic patient, written as a bulk-data export (NDJSON).
+
+Each site writes in its own dialect (``SiteProfile``): lab units, LOINC codes that go with
+them, and SNOMED or ICD-10 diagnoses, so ``fhir_adapter.harmonise_site`` has real work to do.
+
+Consent encoding:
+
+- ``"active"``: one Consent, status active, scope research, ``provision.type`` permit.
+- ``"revoked"``: that same grant, plus a later Consent (status active, ``provision.type``
+  deny, ``policyRule`` OPTOUT). The export keeps the history, so the digest of the original
+  grant stays verifiable; the latest ``dateTime`` decides.
+- ``"none"``: no Consent.
+
+The study is named in ``provision.data``: ``{"meaning": "related", "reference":
+{"identifier": {"system": "urn:clinfed:study", "value": study_id}}}``.
+
+Ids are UUIDv5 of the site's MRN system and MRN, so the same patient always yields the same
+resources byte for byte.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from pathlib import Path
+
+from fhir_adapter import terminology as t
+
+from clinfed.data.profiles import SiteProfile, SyntheticPatient
+
+RESOURCE_TYPES = ("Patient", "ImagingStudy", "Condition", "Observation", "Consent")
+
+_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:clinfed:synthetic-fhir")
+_CONSENT_BEFORE_STUDY = dt.timedelta(days=14)
+_REVOCATION_AFTER_STUDY = dt.timedelta(days=60)
+
+
+def fhir_resources_for(patient: SyntheticPatient, profile: SiteProfile,
+                       study_id: str) -> dict[str, list[dict]]:
+    """All R4 resources of one patient, keyed by resourceType (every key in RESOURCE_TYPES)."""
+    patient_id = _id(profile.mrn_system, patient.mrn)
+    subject = {"reference": f"Patient/{patient_id}"}
+    day = patient.study_date.isoformat()
+    return {
+        "Patient": [_patient(patient, profile, patient_id)],
+        "ImagingStudy": [_imaging_study(patient, profile, patient_id, subject, day)],
+        "Condition": _conditions(patient, profile, patient_id, subject, day),
+        "Observation": _observations(patient, profile, patient_id, subject, day),
+        "Consent": _consents(patient, patient_id, subject, study_id),
+    }
+
+
+def merge_resources(parts: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
+    """Concatenate per-patient resource dicts into one per-site dict, keeping order."""
+    merged: dict[str, list[dict]] = {rtype: [] for rtype in RESOURCE_TYPES}
+    for part in parts:
+        for rtype, resources in part.items():
+            merged.setdefault(rtype, []).extend(resources)
+    return merged
+
+
+def write_bulk_export(resources: dict[str, list[dict]], fhir_dir: Path) -> None:
+    """One ``<Type>.ndjson`` per resource type (empty if none), one compact resource a line."""
+    fhir_dir = Path(fhir_dir)
+    fhir_dir.mkdir(parents=True, exist_ok=True)
+    for rtype in sorted(set(RESOURCE_TYPES) | set(resources)):
+        with (fhir_dir / f"{rtype}.ndjson").open("w", encoding="utf-8", newline="\n") as fh:
+            for resource in resources.get(rtype, ()):
+                fh.write(json.dumps(resource, separators=(",", ":"), ensure_ascii=False))
+                fh.write("\n")
+
+
+def _id(*parts: str) -> str:
+    return str(uuid.uuid5(_ID_NAMESPACE, "|".join(parts)))
+
+
+def _coding(system: str, code: str, display: str | None = None) -> dict:
+    coding = {"system": system, "code": code}
+    if display:
+        coding["display"] = display
+    return coding
+
+
+def _concept(system: str, code: str, display: str | None = None) -> dict:
+    return {"coding": [_coding(system, code, display)]}
+
+
+def _patient(patient: SyntheticPatient, profile: SiteProfile, patient_id: str) -> dict:
+    return {
+        "resourceType": "Patient",
+        "id": patient_id,
+        "identifier": [{
+            "use": "usual",
+            "type": _concept(t.V2_0203, "MR", "Medical record number"),
+            "system": profile.mrn_system,
+            "value": patient.mrn,
+        }],
+        "name": [{"use": "official", "family": patient.family_name, "given": [patient.given_name]}],
+        "gender": patient.sex,
+        "birthDate": patient.birth_date.isoformat(),
+    }
+
+
+def _imaging_study(patient: SyntheticPatient, profile: SiteProfile, patient_id: str,
+                   subject: dict, day: str) -> dict:
+    modality = _coding(t.DICOM_DCM, profile.modality)
+    return {
+        "resourceType": "ImagingStudy",
+        "id": _id(patient_id, "ImagingStudy", patient.study_uid),
+        "identifier": [{"system": t.DICOM_UID_SYSTEM, "value": f"urn:oid:{patient.study_uid}"}],
+        "status": "available",
+        "modality": [modality],
+        "subject": subject,
+        "started": day,
+        "numberOfSeries": 1,
+        "series": [{"uid": patient.series_uid, "modality": modality}],
+    }
+
+
+def _conditions(patient: SyntheticPatient, profile: SiteProfile, patient_id: str,
+                subject: dict, day: str) -> list[dict]:
+    system = t.DIAGNOSIS_SYSTEMS[profile.diagnosis_system]
+    diagnoses = [t.DX_LIVER_CANCER]
+    if patient.has_diabetes:
+        diagnoses.append(t.DX_DIABETES)
+    if patient.has_hypertension:
+        diagnoses.append(t.DX_HYPERTENSION)
+    conditions = []
+    for snomed, icd10, display in diagnoses:
+        code = snomed if system == t.SNOMED else icd10
+        conditions.append({
+            "resourceType": "Condition",
+            "id": _id(patient_id, "Condition", snomed),
+            "clinicalStatus": _concept(t.CONDITION_CLINICAL, "active"),
+            "verificationStatus": _concept(t.CONDITION_VER_STATUS, "confirmed"),
+            "category": [_concept(t.CONDITION_CATEGORY, "problem-list-item")],
+            "code": _concept(system, code, display),
+            "subject": subject,
+            "recordedDate": day,
+        })
+    return conditions
+
+
+def _observations(patient: SyntheticPatient, profile: SiteProfile, patient_id: str,
+                  subject: dict, day: str) -> list[dict]:
+    glucose = patient.glucose_mmol_l
+    if profile.glucose_unit == "mg/dL":
+        glucose *= t.GLUCOSE_MG_DL_PER_MMOL_L
+    creatinine = patient.creatinine_umol_l
+    if profile.creatinine_unit == "mg/dL":
+        creatinine /= t.CREATININE_UMOL_L_PER_MG_DL
+    labs = [
+        (t.GLUCOSE_LOINC_BY_UNIT[profile.glucose_unit], profile.glucose_unit, glucose),
+        (t.CREATININE_LOINC_BY_UNIT[profile.creatinine_unit], profile.creatinine_unit, creatinine),
+    ]
+    laboratory = [_concept(t.OBSERVATION_CATEGORY, "laboratory", "Laboratory")]
+    observations = [{
+        "resourceType": "Observation",
+        "id": _id(patient_id, "Observation", loinc),
+        "status": "final",
+        "category": laboratory,
+        "code": _concept(t.LOINC, loinc, display),
+        "subject": subject,
+        "effectiveDateTime": day,
+        "valueQuantity": {"value": value, "unit": unit.replace("umol", "\u00b5mol"),
+                          "system": t.UCUM, "code": unit},
+    } for (loinc, display), unit, value in labs]
+    grade = t.GRADE_HIGH if patient.high_grade else t.GRADE_LOW
+    observations.append({
+        "resourceType": "Observation",
+        "id": _id(patient_id, "Observation", t.TUMOUR_GRADE_LOINC[0]),
+        "status": "final",
+        "category": laboratory,
+        "code": _concept(t.LOINC, *t.TUMOUR_GRADE_LOINC),
+        "subject": subject,
+        "effectiveDateTime": day,
+        "valueCodeableConcept": _concept(t.SNOMED, *grade),
+    })
+    return observations
+
+
+def _consents(patient: SyntheticPatient, patient_id: str, subject: dict,
+              study_id: str) -> list[dict]:
+    if patient.consent == "none":
+        return []
+    granted = patient.study_date - _CONSENT_BEFORE_STUDY
+    consents = [_consent(patient_id, subject, study_id, "permit", granted)]
+    if patient.consent == "revoked":
+        revoked = patient.study_date + _REVOCATION_AFTER_STUDY
+        consents.append(_consent(patient_id, subject, study_id, "deny", revoked))
+    return consents
+
+
+def _consent(patient_id: str, subject: dict, study_id: str, provision_type: str,
+             day: dt.date) -> dict:
+    return {
+        "resourceType": "Consent",
+        "id": _id(patient_id, "Consent", study_id, provision_type),
+        "status": "active",
+        "scope": _concept(t.CONSENT_SCOPE, "research", "Research"),
+        "category": [_concept(t.LOINC, *t.CONSENT_CATEGORY_LOINC)],
+        "patient": subject,
+        "dateTime": f"{day.isoformat()}T09:00:00Z",
+        "policyRule": _concept(t.V3_ACT_CODE, "OPTIN" if provision_type == "permit" else "OPTOUT"),
+        "provision": {
+            "type": provision_type,
+            "period": {"start": day.isoformat()},
+            "purpose": [_coding(t.V3_ACT_REASON, "HRESCH", "healthcare research")],
+            "data": [{
+                "meaning": "related",
+                "reference": {"identifier": {"system": t.STUDY_IDENTIFIER_SYSTEM, "value": study_id}},
+            }],
+        },
+    }

@@ -1,0 +1,233 @@
+"""The main job: 3 non-IID synthetic sites, centralised vs local-only vs federated (FLARE SimEnv).
+
+All three arms train the same model with the same total epoch budget and are scored on the
+same evaluation set: the union of every site's validation split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clinfed.data.ingest import Case, ingest_site
+from clinfed.data.profiles import profile_for_site
+from clinfed.data.synth import synthesise
+from clinfed.jobs.tumour_seg import EXTRA_ALLOWED_CLASSES, TumourSegFedAvgRecipe
+from clinfed.training import (
+    TrainConfig,
+    evaluate,
+    finite_or_none,
+    load_numpy_state,
+    make_loader,
+    new_model,
+    split_cases,
+    train_epochs,
+)
+from clinfed.widgets.round_log import ROUND_LOG_FILE
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    sites: int = 3
+    patients: int = 24
+    shape: tuple[int, int, int] = (48, 48, 24)
+    seed: int = 0
+    rounds: int = 6
+    local_epochs: int = 2
+    batch_size: int = 4
+    lr: float = 3e-3
+    roi: tuple[int, int, int] = (32, 32, 16)
+
+    @classmethod
+    def quick(cls) -> "DemoConfig":
+        return cls(patients=12, shape=(32, 32, 16), rounds=3, local_epochs=1)
+
+    @property
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, roi=self.roi)
+
+    @property
+    def total_epochs(self) -> int:
+        """Epoch budget of every arm: a federated site sees rounds x local_epochs epochs."""
+        return self.rounds * self.local_epochs
+
+
+def site_names(config: DemoConfig) -> list[str]:
+    return [profile_for_site(i).name for i in range(config.sites)]
+
+
+def _train_and_score(train: list[Case], evaluation: list[Case], config: DemoConfig) -> dict:
+    torch.manual_seed(config.seed)
+    model = new_model()
+    full_budget = TrainConfig(**{**asdict(config.train_config), "epochs": config.total_epochs})
+    train_epochs(model, make_loader(train, full_budget, train=True), full_budget)
+    scores = evaluate(model, make_loader(evaluation, full_budget, train=False))
+    return {"dice": finite_or_none(scores["dice"]), "auc": finite_or_none(scores["auc"])}
+
+
+def allow_list_for_simulation(workspace_root: Path, job_name: str) -> None:
+    """SimEnv enforces a class allow-list for non-BYOC jobs: admit FLARE's defaults plus ours."""
+    from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+
+    local = workspace_root / job_name / "local"
+    local.mkdir(parents=True, exist_ok=True)
+    allowed = list(DEFAULT_CLASS_ALLOW_LIST) + ["clinfed."] + list(EXTRA_ALLOWED_CLASSES)
+    (local / "resources.json").write_text(json.dumps({"format_version": 2, "class_allow_list": allowed}, indent=2))
+
+
+def run_federated(data_dir: Path, workspace_root: Path, config: DemoConfig) -> Path:
+    """Run the FedAvg job in FLARE's SimEnv, one simulated client per site; returns the server run dir."""
+    from nvflare.recipe.sim_env import SimEnv
+
+    recipe = TumourSegFedAvgRecipe(min_clients=config.sites, num_rounds=config.rounds,
+                                   local_epochs=config.local_epochs, batch_size=config.batch_size,
+                                   lr=config.lr, roi=config.roi)
+    allow_list_for_simulation(workspace_root, recipe.name)
+    os.environ["CLINFED_DATA_ROOT"] = str(data_dir.resolve())
+    # The simulated clients are processes sharing our cores: one thread each avoids thrashing.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    env = SimEnv(clients=site_names(config), num_threads=config.sites, workspace_root=str(workspace_root))
+    run = recipe.execute(env)
+    run.get_result()
+    return Path(workspace_root) / recipe.name / "server" / "simulate_job"
+
+
+def read_federated_results(server_run_dir: Path, evaluation: list[Case], config: DemoConfig) -> tuple[dict, dict]:
+    rounds = [json.loads(line) for line in (server_run_dir / ROUND_LOG_FILE).read_text().splitlines() if line]
+    model_file = next(server_run_dir.rglob("FL_global_model.pt"))
+    model = new_model()
+    saved = torch.load(model_file, map_location="cpu", weights_only=False)
+    load_numpy_state(model, {k: v for k, v in saved["model"].items()})
+    final = evaluate(model, make_loader(evaluation, config.train_config, train=False))
+
+    cross_site_file = next(server_run_dir.rglob("cross_val_results.json"), None)
+    cross_site = json.loads(cross_site_file.read_text()) if cross_site_file else {}
+
+    # Round k's line holds the sites' scores of the model after k-1 aggregations; its time is round k's.
+    per_round = []
+    for k in range(1, len(rounds) + 1):
+        after = rounds[k]["metrics"] if k < len(rounds) else {"dice": final["dice"], "auc": final["auc"]}
+        site_scores = rounds[k]["site_metrics"] if k < len(rounds) else {
+            site: scores.get("SRV_server", {}) for site, scores in cross_site.items()}
+        per_round.append({
+            "round": k,
+            "dice": finite_or_none(after.get("dice")),
+            "auc": finite_or_none(after.get("auc")),
+            "seconds": rounds[k - 1]["seconds"],
+            "site_dice": {site: finite_or_none(m.get("dice")) for site, m in site_scores.items()},
+        })
+    initial = rounds[0]["metrics"] if rounds else {}
+    return {
+        "dice": finite_or_none(final["dice"]),
+        "auc": finite_or_none(final["auc"]),
+        "initial_dice": finite_or_none(initial.get("dice")),
+        "per_round": per_round,
+        "model_file": str(model_file),
+    }, cross_site
+
+
+def run_demo(out_dir: Path, config: DemoConfig, log=print) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = out_dir / "data"
+    names = site_names(config)
+    if not all((data_dir / name / "fhir").is_dir() for name in names):
+        log(f"generating {config.sites} non-IID sites x {config.patients} patients in {data_dir}")
+        synthesise(data_dir, config.sites, config.patients, config.shape, config.seed)
+
+    train_by_site, val_by_site, reports = {}, {}, {}
+    for name in names:
+        ingestion = ingest_site(data_dir / name)
+        reports[name] = ingestion.report()
+        train_by_site[name], val_by_site[name] = split_cases(ingestion.cases)
+        log(f"{name}: {len(train_by_site[name])} train, {len(val_by_site[name])} validation, "
+            f"excluded {reports[name]['excluded_by_reason']}")
+    evaluation = [c for name in names for c in val_by_site[name]]
+
+    timings = {}
+    started = time.perf_counter()
+    log("training centralised baseline on the pooled training data")
+    central = _train_and_score([c for n in names for c in train_by_site[n]], evaluation, config)
+    timings["central_seconds"] = time.perf_counter() - started
+
+    local = {}
+    started = time.perf_counter()
+    for name in names:
+        log(f"training local-only baseline at {name}")
+        local[name] = _train_and_score(train_by_site[name], evaluation, config)
+    timings["local_seconds"] = time.perf_counter() - started
+
+    log(f"running federated FedAvg in FLARE SimEnv ({config.rounds} rounds)")
+    started = time.perf_counter()
+    server_run_dir = run_federated(data_dir, out_dir / "flare_workspace", config)
+    federated, cross_site = read_federated_results(server_run_dir, evaluation, config)
+    timings["federated_seconds"] = time.perf_counter() - started
+
+    results = {
+        "config": {**asdict(config), "sites": names, "evaluation_set": "union of the sites' validation splits",
+                   "evaluation_cases": len(evaluation), "total_epochs_per_arm": config.total_epochs},
+        "ingestion": {name: {k: reports[name][k] for k in ("usable", "excluded", "excluded_by_reason")}
+                      for name in names},
+        "central": central,
+        "local": local,
+        "federated": federated,
+        "cross_site": cross_site,
+        "timings": timings,
+    }
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    plot_results(results, out_dir)
+    return results
+
+
+def plot_results(results: dict, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_round = results["federated"]["per_round"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rounds = [r["round"] for r in per_round]
+    sites = sorted({s for r in per_round for s in r["site_dice"]})
+    for site in sites:
+        ax.plot(rounds, [r["site_dice"].get(site) for r in per_round], marker="o", label=site)
+    ax.plot(rounds, [r["dice"] for r in per_round], marker="s", color="black", label="all sites")
+    ax.set(xlabel="federated round", ylabel="validation Dice (global model)", title="Federated Dice per round",
+           ylim=(0, 1))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "dice_per_round.png", dpi=120)
+    plt.close(fig)
+
+    arms = ["central", "federated"] + [f"local {s}" for s in results["local"]]
+    values = [results["central"], results["federated"]] + list(results["local"].values())
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = np.arange(len(arms))
+    ax.bar(x - 0.2, [v["dice"] or 0 for v in values], width=0.4, label="Dice")
+    ax.bar(x + 0.2, [v["auc"] or 0 for v in values], width=0.4, label="outcome AUC")
+    ax.set_xticks(x, arms, rotation=20)
+    ax.set(ylim=(0, 1), title="Final scores on the shared evaluation set")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "final_scores.png", dpi=120)
+    plt.close(fig)
+
+
+def results_table(results: dict) -> str:
+    def fmt(v):
+        return "   n/a" if v is None else f"{v:6.3f}"
+
+    lines = [f"{'arm':<22}{'Dice':>8}{'AUC':>8}", "-" * 38]
+    lines.append(f"{'centralised':<22}{fmt(results['central']['dice']):>8}{fmt(results['central']['auc']):>8}")
+    lines.append(f"{'federated (FedAvg)':<22}{fmt(results['federated']['dice']):>8}{fmt(results['federated']['auc']):>8}")
+    for site, scores in results["local"].items():
+        lines.append(f"{'local-only ' + site:<22}{fmt(scores['dice']):>8}{fmt(scores['auc']):>8}")
+    lines.append("")
+    lines.append("federated Dice per round: " + ", ".join(
+        f"r{r['round']}={fmt(r['dice']).strip()}" for r in results["federated"]["per_round"]))
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""FLARE executors that run at the sites."""

@@ -1,0 +1,1 @@
+"""Server-side FLARE widgets that record what happened in a run."""
