@@ -38,10 +38,10 @@ class DemoConfig:
     patients: int = 24
     shape: tuple[int, int, int] = (48, 48, 24)
     seed: int = 0
-    rounds: int = 6
+    rounds: int = 8
     local_epochs: int = 2
-    batch_size: int = 4
-    lr: float = 3e-3
+    batch_size: int = 2
+    lr: float = 5e-3
     roi: tuple[int, int, int] = (32, 32, 16)
 
     @classmethod

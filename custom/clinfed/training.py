@@ -28,8 +28,8 @@ class TrainConfig:
     """What one call of ``train_epochs`` does. Same values for federated and baselines."""
 
     epochs: int = 1
-    batch_size: int = 4
-    lr: float = 3e-3
+    batch_size: int = 2
+    lr: float = 5e-3
     outcome_weight: float = 0.5
     roi: tuple[int, int, int] = DEFAULT_ROI
 
@@ -78,7 +78,7 @@ def train_epochs(model: torch.nn.Module, loader: DataLoader, config: TrainConfig
     """Local epochs of Dice+CE segmentation loss plus weighted outcome BCE. Returns loss stats."""
     device = next(model.parameters()).device
     optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=config.lr)
-    seg_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
     outcome_loss = torch.nn.BCEWithLogitsLoss()
     use_amp = device.type == "cuda"
     model.train()

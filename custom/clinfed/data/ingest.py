@@ -7,6 +7,7 @@ or DICOM UID.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,15 +95,24 @@ def ehr_vector(row: HarmonisedRow) -> np.ndarray:
 
 
 def _pseudonym_of_folder(folder: Path, pseudonymise) -> str | None:
-    """Pseudonym from the first readable DICOM header, to attribute a broken study to a patient."""
+    """Pseudonym of the patient most readable DICOM headers name, to attribute a broken study.
+
+    A folder polluted with another patient's file must not be blamed on that other patient,
+    so only a PatientID held by more than half of the readable files counts.
+    """
+    ids: Counter[str] = Counter()
     for path in sorted(folder.iterdir()):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            if "PatientID" in ds and str(ds.PatientID).strip():
-                return pseudonymise(str(ds.PatientID))
-        except Exception:  # any unreadable file: try the next one
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+        except Exception:  # any unreadable file: the others decide
             continue
-    return None
+        ids[str(ds.get("PatientID", "")).strip()] += 1
+    if not ids:
+        return None
+    patient_id, count = ids.most_common(1)[0]
+    if not patient_id or 2 * count <= sum(ids.values()):
+        return None
+    return pseudonymise(patient_id)
 
 
 def _seg_files(folder: Path) -> list[Path]:
@@ -124,7 +134,11 @@ def ingest_site(site_dir: Path, study_id: str = STUDY_ID, pseudonymise: Pseudony
     result = SiteIngestion(site_dir, study_id)
 
     ehr = harmonise_site(site_dir / "fhir", study_id, pseudonymise)
-    result.fhir_issues = [str(issue) for issue in ehr.issues]
+    result.fhir_issues = [_relative(issue, site_dir) for issue in ehr.issues]
+    # A rejected Patient record yields no MRN, so it cannot be matched to a study; naming the
+    # Patient records with issues lets the operator find it.
+    patient_issues = [_relative_path(issue.path, site_dir) + (f":{issue.line}" if issue.line else "")
+                         for issue in ehr.issues if _is_patient_issue(issue)]
     seen: set[str] = set()
 
     study_dirs = sorted(p for p in (site_dir / "imaging").iterdir() if p.is_dir()) if (site_dir / "imaging").is_dir() else []
@@ -142,7 +156,9 @@ def ingest_site(site_dir: Path, study_id: str = STUDY_ID, pseudonymise: Pseudony
         seen.add(pseudonym)
         row = ehr.rows.get(pseudonym)
         if row is None:
-            result.exclusions.append(Exclusion(pseudonym, INVALID_FHIR, f"{folder.name}: no valid FHIR Patient for this study's patient"))
+            see = f"; see FHIR issues at {', '.join(patient_issues)}" if patient_issues else ""
+            result.exclusions.append(Exclusion(pseudonym, INVALID_FHIR,
+                                               f"{folder.name}: no valid FHIR Patient for this study's patient{see}"))
             continue
         if row.consent_status != "active":
             reason = CONSENT_REVOKED if row.consent_status == "revoked" else NO_CONSENT
@@ -150,7 +166,8 @@ def ingest_site(site_dir: Path, study_id: str = STUDY_ID, pseudonymise: Pseudony
             continue
         segs = _seg_files(folder)
         if len(segs) != 1:
-            problem = "no DICOM SEG" if not segs else f"{len(segs)} DICOM SEG files, expected one"
+            problem = ("no DICOM SEG" if not segs else
+                       f"{len(segs)} DICOM SEG files ({', '.join(p.name for p in segs)}), expected one")
             result.exclusions.append(Exclusion(pseudonym, MISSING_LABEL, f"{folder.name}: {problem}"))
             continue
         try:
@@ -169,6 +186,19 @@ def ingest_site(site_dir: Path, study_id: str = STUDY_ID, pseudonymise: Pseudony
     return result
 
 
-def _relative(err: DicomInputError, site_dir: Path) -> str:
-    """Error text with paths relative to the site folder, so reports carry no local layout."""
-    return str(err).replace(str(site_dir) + "/", "")
+# Four or more dot-separated numbers: a DICOM UID (never a spacing, a version or a line number).
+_DICOM_UID = re.compile(r"(?<![\w.])[0-9]+(?:\.[0-9]+){3,}(?![\w.])")
+
+
+def _relative_path(path: str, site_dir: Path) -> str:
+    return path.replace(str(site_dir) + "/", "")
+
+
+def _is_patient_issue(issue) -> bool:
+    return (issue.resource or "").split("/")[0] == "Patient" or Path(issue.path).name.startswith("Patient.")
+
+
+def _relative(err: Exception, site_dir: Path) -> str:
+    """Error text for the report: paths relative to the site folder (no local layout) and
+    DICOM UIDs masked, since Study and Series UIDs identify a patient's examination."""
+    return _DICOM_UID.sub("<UID>", _relative_path(str(err), site_dir))

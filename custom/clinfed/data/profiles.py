@@ -43,19 +43,19 @@ SITE_PROFILES: tuple[SiteProfile, ...] = (
     SiteProfile(
         name="site-1", modality="CT", manufacturer="Siemens", spacing_mm=(0.8, 0.8, 2.5),
         background=-80.0, organ=60.0, lesion_contrast=-45.0, noise_std=12.0,
-        lesion_radius_frac=(0.10, 0.20), lesion_count=(1, 2), high_grade_bias=0.0,
+        lesion_radius_frac=(0.14, 0.26), lesion_count=(1, 2), high_grade_bias=0.0,
         glucose_unit="mg/dL", creatinine_unit="mg/dL", diagnosis_system="snomed",
     ),
     SiteProfile(
         name="site-2", modality="MR", manufacturer="Philips", spacing_mm=(1.0, 1.0, 1.0),
-        background=50.0, organ=400.0, lesion_contrast=300.0, noise_std=40.0,
-        lesion_radius_frac=(0.08, 0.15), lesion_count=(1, 3), high_grade_bias=0.6,
+        background=200.0, organ=450.0, lesion_contrast=300.0, noise_std=40.0,
+        lesion_radius_frac=(0.12, 0.22), lesion_count=(1, 3), high_grade_bias=0.6,
         glucose_unit="mmol/L", creatinine_unit="umol/L", diagnosis_system="icd10",
     ),
     SiteProfile(
         name="site-3", modality="CT", manufacturer="GE", spacing_mm=(0.7, 0.7, 5.0),
         background=-100.0, organ=55.0, lesion_contrast=-35.0, noise_std=20.0,
-        lesion_radius_frac=(0.14, 0.26), lesion_count=(1, 1), high_grade_bias=-0.6,
+        lesion_radius_frac=(0.18, 0.30), lesion_count=(1, 1), high_grade_bias=-0.6,
         glucose_unit="mmol/L", creatinine_unit="mg/dL", diagnosis_system="snomed",
     ),
 )

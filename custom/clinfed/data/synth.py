@@ -57,14 +57,14 @@ def _volume_and_label(rng: np.random.Generator, shape: tuple[int, int, int], pro
 
     label = np.zeros(shape, dtype=np.uint8)
     n_lesions = int(rng.integers(profile.lesion_count[0], profile.lesion_count[1] + 1))
-    radius = max(1.5, radius_frac * min(shape))
+    # Lesion radius is a fraction of each side: a lesion covers a similar share of any grid.
+    radius = np.maximum(1.5, radius_frac * np.array(shape, dtype=np.float32))
     for i in range(n_lesions):
         r = radius * (1.0 if i == 0 else 0.6)
         # Keep lesions inside the organ: centre within half the organ's semi-axes.
-        offset = rng.uniform(-0.45, 0.45, size=3) * semi_axes[:, 0, 0, 0]
-        c = centre[:, 0, 0, 0] + offset
-        dist = np.sqrt(((grid - c[:, None, None, None]) ** 2).sum(axis=0))
-        label[(dist <= r) & organ] = 1
+        c = centre[:, 0, 0, 0] + rng.uniform(-0.45, 0.45, size=3) * semi_axes[:, 0, 0, 0]
+        dist = np.sqrt((((grid - c[:, None, None, None]) / r[:, None, None, None]) ** 2).sum(axis=0))
+        label[(dist <= 1.0) & organ] = 1
 
     volume = np.full(shape, profile.background, dtype=np.float32)
     volume[organ] = profile.organ
@@ -118,7 +118,7 @@ def synthesise_site(site_dir: Path, profile: SiteProfile, site_index: int, n_pat
         enhancement = float(rng.normal())
         age = float(np.clip(rng.normal(62.0, 12.0), 25.0, 90.0))
         glucose = float(np.clip(rng.normal(6.2, 1.6), 3.0, 16.0))
-        size_z = (radius_frac - 0.16) / 0.05
+        size_z = (radius_frac - 0.21) / 0.05
         logit = 1.6 * size_z + 1.0 * enhancement + 1.1 * (age - 62.0) / 12.0 + 0.9 * (glucose - 6.2) / 1.6
         high_grade = bool(rng.random() < _sigmoid(logit + profile.high_grade_bias))
         u = rng.random()

@@ -55,7 +55,7 @@ class SegExecutor(Executor):
         roi: volume size the model sees (X, Y, Z); each side divisible by 16.
     """
 
-    def __init__(self, study: str = STUDY_ID, local_epochs: int = 2, batch_size: int = 4, lr: float = 3e-3,
+    def __init__(self, study: str = STUDY_ID, local_epochs: int = 2, batch_size: int = 2, lr: float = 5e-3,
                  roi: list[int] | tuple[int, int, int] = (32, 32, 16)):
         super().__init__()
         if local_epochs < 1 or batch_size < 1 or lr <= 0:

@@ -37,8 +37,8 @@ class TumourSegFedAvgRecipe(Recipe):
         cross_site_eval: add the final cross-site evaluation.
     """
 
-    def __init__(self, *, name: str = FEDAVG_JOB_NAME, min_clients: int = 3, num_rounds: int = 5,
-                 local_epochs: int = 2, batch_size: int = 4, lr: float = 3e-3,
+    def __init__(self, *, name: str = FEDAVG_JOB_NAME, min_clients: int = 3, num_rounds: int = 8,
+                 local_epochs: int = 2, batch_size: int = 2, lr: float = 5e-3,
                  roi: tuple[int, int, int] = (32, 32, 16), cross_site_eval: bool = True):
         job = BaseFedJob(initial_model=FusionSegNet(), name=name, min_clients=min_clients, key_metric="dice")
         job.to_server(FedAvg(num_clients=min_clients, num_rounds=num_rounds,

@@ -1,0 +1,1 @@
+"""FLARE DXO filters a site can impose through its privacy policy (``local/privacy.json``)."""

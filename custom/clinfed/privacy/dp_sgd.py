@@ -1,0 +1,176 @@
+"""Sample-level DP-SGD for a site's local training, with one budget for the whole job.
+
+Wraps the objects the executor already has, as Opacus's ``PrivacyEngine`` does::
+
+    dp = SiteDPSGD(budget_file=..., n_samples=len(train), batch_size=4, num_rounds=5,
+                   local_epochs=2, target_epsilon=8.0, job_id=fl_ctx.get_job_id(), site=site)
+    if dp.would_exceed():                   # decline the task cleanly
+        ...
+    with dp.private_round(model, torch.optim.Adam(model.parameters(), lr), loader, round_=r) as private:
+        train_epochs(private.model, private.data_loader, config, optimizer=private.optimizer)
+    dp.epsilon()                            # spent so far, for the result's meta
+
+The noise multiplier is set once per job so that ``num_rounds x local_epochs`` epochs of Poisson-
+sampled steps end at ``target_epsilon`` (after whatever earlier jobs on the same study spent).
+Spend is reserved before each round and committed after it, in ``budget_file``; a restarted
+client reloads it and goes on from there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple
+
+import torch
+
+from clinfed.privacy.accounting import PrivacyBudget, compose_epsilon, merge_history, noise_multiplier_for
+from clinfed.privacy.errors import PrivacyBudgetExceeded, PrivacyStateError
+
+# Modes whose hooks can sit on the caller's own module: its state_dict keys stay as they are.
+_HOOK_MODES = ("hooks", "functorch")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
+
+
+class PrivateRound(NamedTuple):
+    """What to train with during one private round (same roles as ``make_private``'s result)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    data_loader: torch.utils.data.DataLoader
+
+
+class SiteDPSGD:
+    """Opacus DP-SGD with Poisson sampling and a per-site, per-study budget that spans the job.
+
+    Args:
+        budget_file: JSON file holding this site's DP-SGD spend for the study (``PrivacyBudget``).
+        n_samples: training cases at this site.
+        batch_size: the loader's batch size; the Poisson sampling rate is 1 / ceil(n / batch_size).
+        num_rounds: rounds this job will train for.
+        local_epochs: epochs per round.
+        target_epsilon: the site's budget for this study.
+        target_delta: defaults to 1 / (10 n).
+        max_grad_norm: per-sample gradient clipping bound.
+        accountant: ``prv`` (tighter, slower) or ``rdp``.
+        grad_sample_mode: Opacus per-sample gradient engine: ``hooks``, ``functorch`` or ``ew``.
+        job_id, site, study: where the spend is recorded.
+    """
+
+    def __init__(self, *, budget_file: str | os.PathLike, n_samples: int, batch_size: int, num_rounds: int,
+                 local_epochs: int, target_epsilon: float, target_delta: float | None = None,
+                 max_grad_norm: float = 1.0, accountant: str = "prv", grad_sample_mode: str = "hooks",
+                 job_id: str = "job", site: str = "", study: str = ""):
+        if n_samples < 1 or batch_size < 1 or num_rounds < 1 or local_epochs < 1:
+            raise ValueError("n_samples, batch_size, num_rounds and local_epochs must all be >= 1")
+        if not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        if accountant not in ("prv", "rdp"):
+            raise ValueError(f"accountant must be 'prv' or 'rdp' for DP-SGD, got {accountant!r}")
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
+        self.n_samples = int(n_samples)
+        self.batch_size = int(batch_size)
+        self.num_rounds = int(num_rounds)
+        self.local_epochs = int(local_epochs)
+        self.max_grad_norm = float(max_grad_norm)
+        self.accountant = accountant
+        self.grad_sample_mode = grad_sample_mode
+        self.job_id = str(job_id)
+        self.delta = float(target_delta) if target_delta else 1.0 / (10 * self.n_samples)
+        # Opacus takes the sampling rate from the loader's length: 1 / number of batches.
+        self.batches_per_epoch = math.ceil(self.n_samples / self.batch_size)
+        self.sample_rate = 1.0 / self.batches_per_epoch
+        self.steps_per_round = self.local_epochs * self.batches_per_epoch
+        self.budget = PrivacyBudget(budget_file, target_epsilon=target_epsilon, delta=self.delta,
+                                    accountant=accountant, mechanism="dp_sgd", site=site, study=study)
+        self.noise_multiplier = self._plan_noise()
+
+    @property
+    def target_epsilon(self) -> float:
+        return self.budget.target_epsilon
+
+    def _plan_noise(self) -> float:
+        """Same noise for every round of a job; a restarted client finds its plan in the file."""
+        plan = self.budget.plan(self.job_id)
+        if plan and math.isclose(plan["sample_rate"], self.sample_rate) and plan["steps_per_round"] == self.steps_per_round:
+            return float(plan["noise_multiplier"])
+        # First start of this job, or the cohort changed: fit the rounds still to come into what is left.
+        rounds_left = max(self.num_rounds - len(self.budget.rounds_of(self.job_id)), 1)
+        sigma = noise_multiplier_for(target_epsilon=self.target_epsilon, delta=self.delta,
+                                     sample_rate=self.sample_rate, steps=rounds_left * self.steps_per_round,
+                                     accountant=self.accountant, history=self.budget.history)
+        self.budget.set_plan(self.job_id, {"noise_multiplier": sigma, "sample_rate": self.sample_rate,
+                                           "steps_per_round": self.steps_per_round, "num_rounds": self.num_rounds,
+                                           "max_grad_norm": self.max_grad_norm, "n_samples": self.n_samples})
+        return sigma
+
+    def _round_events(self, steps: int | None) -> list:
+        return [(self.noise_multiplier, self.sample_rate, self.steps_per_round if steps is None else int(steps))]
+
+    def epsilon(self) -> float:
+        """Epsilon spent on this study by DP-SGD at this site so far (all jobs, reservations included)."""
+        return self.budget.epsilon()
+
+    def epsilon_of_round(self, steps: int | None = None) -> float:
+        """Epsilon of one round on its own (for reporting; rounds compose sub-additively)."""
+        return compose_epsilon(self._round_events(steps), self.delta, self.accountant)
+
+    def would_exceed(self, next_round_steps: int | None = None) -> bool:
+        """Whether a round of ``next_round_steps`` (default: a full round) would overspend."""
+        return self.budget.would_exceed(self._round_events(next_round_steps))
+
+    def check_budget(self, next_round_steps: int | None = None) -> None:
+        """Raise ``PrivacyBudgetExceeded`` (with a message for the site operator) if the next round won't fit."""
+        self.budget.check(self._round_events(next_round_steps), what=f"DP-SGD round of job {self.job_id}")
+
+    @contextmanager
+    def private_round(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      data_loader: torch.utils.data.DataLoader, *, round_: int | None = None) -> Iterator[PrivateRound]:
+        """One round of private training. Raises ``PrivacyBudgetExceeded`` before touching anything
+        if the round won't fit. Train with the yielded objects; ``model``'s own state_dict keys are
+        unchanged (hooks are removed on exit). The steps actually taken are committed on exit, even
+        if training fails or is aborted."""
+        from opacus import PrivacyEngine
+
+        if len(data_loader) != self.batches_per_epoch:
+            raise PrivacyStateError(f"the loader has {len(data_loader)} batches per epoch but the privacy plan assumed "
+                                    f"{self.batches_per_epoch} (n={self.n_samples}, batch size {self.batch_size})")
+        what = f"DP-SGD round {round_} of job {self.job_id}"
+        reservation = self.budget.reserve(self._round_events(None), what=what, job_id=self.job_id, round_=round_)
+        engine = PrivacyEngine(accountant=self.accountant)
+        wrap = self.grad_sample_mode not in _HOOK_MODES
+        try:
+            with warnings.catch_warnings():
+                # Opacus warns about secure RNG on every call; the noise source is a site decision.
+                warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+                hooked, dp_optimizer, dp_loader = engine.make_private(
+                    module=model, optimizer=optimizer, data_loader=data_loader,
+                    noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm, poisson_sampling=True,
+                    grad_sample_mode=self.grad_sample_mode, wrap_model=wrap)
+        except Exception:
+            self.budget.commit([], job_id=self.job_id, round_=round_, reservation=reservation)
+            raise
+        try:
+            yield PrivateRound(hooked if wrap else model, dp_optimizer, dp_loader)
+        finally:
+            taken = merge_history(engine.accountant.history)
+            if not wrap:
+                hooked.cleanup()
+            elif hasattr(hooked, "_close"):
+                hooked._close()
+            for parameter in model.parameters():
+                parameter.grad_sample = None
+                parameter.grad = None
+            self.budget.commit(taken, job_id=self.job_id, round_=round_, reservation=reservation)
+
+    def report(self) -> dict:
+        """Figures for the result's meta and ``results.json``."""
+        return {"dp_sgd_epsilon_total": self.epsilon(), "dp_sgd_delta": self.delta,
+                "dp_sgd_noise_multiplier": self.noise_multiplier, "dp_sgd_sample_rate": self.sample_rate,
+                "dp_sgd_target_epsilon": self.target_epsilon}
+
+
+__all__ = ["SiteDPSGD", "PrivateRound", "PrivacyBudgetExceeded", "GRAD_SAMPLE_MODES"]

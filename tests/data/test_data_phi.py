@@ -1,0 +1,107 @@
+"""Issue item 6: what a site hands to training carries pseudonyms only, never an identifier
+from its DICOM or FHIR input."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import json
+import pickle
+import shutil
+
+import pydicom
+from data_helpers import active_indices, pseudonyms
+
+from clinfed.data.ingest import ingest_site
+from clinfed.data.pseudonym import SECRET_FILE_NAME, Pseudonymiser
+
+
+def _dates(value: str) -> set[str]:
+    """A date in both spellings the inputs use: FHIR YYYY-MM-DD and DICOM YYYYMMDD."""
+    day = dt.date.fromisoformat(value) if "-" in value else dt.datetime.strptime(value, "%Y%m%d").date()
+    return {day.isoformat(), day.strftime("%Y%m%d")}
+
+
+def _identifiers_in_input(site_dir) -> set[str]:
+    """Every patient identifier the site's files hold, read from the files themselves."""
+    found: set[str] = set()
+    for path in (site_dir / "imaging").rglob("*.dcm"):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001  (a test may have damaged it on purpose)
+            continue
+        found |= {str(ds.PatientID), *str(ds.PatientName).split("^"), *_dates(ds.PatientBirthDate),
+                  str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
+                  str(ds.AccessionNumber)}
+    for line in (site_dir / "fhir" / "Patient.ndjson").read_text(encoding="utf-8").splitlines():
+        patient = json.loads(line)
+        found |= {str(i["value"]) for i in patient["identifier"]}
+        found |= {n["family"] for n in patient["name"]} | {g for n in patient["name"] for g in n["given"]}
+        found |= _dates(patient["birthDate"])
+    for line in (site_dir / "fhir" / "ImagingStudy.ndjson").read_text(encoding="utf-8").splitlines():
+        study = json.loads(line)
+        found |= {i["value"].removeprefix("urn:oid:") for i in study["identifier"]}
+        found |= {s["uid"] for s in study["series"]}
+    return {value for value in found if value}
+
+
+def test_cases_report_and_fhir_issues_carry_no_identifier_from_the_input(site_copy):
+    # Damage some patients too, so error details are part of what is checked.
+    victims = active_indices(site_copy.truth)[1:4]
+    shutil.copy(site_copy.study(victims[1]) / "seg.dcm", site_copy.study(victims[0]) / "seg.dcm")
+    shutil.copy(site_copy.study(victims[0]) / "slice_0002.dcm", site_copy.study(victims[1]) / "slice_0009.dcm")
+    patient_file = site_copy.dir / "fhir" / "Patient.ndjson"
+    mrn = site_copy.truth[victims[2]].patient.mrn
+    patient_file.write_text(patient_file.read_text(encoding="utf-8").replace(
+        f'"value":"{mrn}"', f'"value":{mrn}'), encoding="utf-8")  # MRN as a number: invalid R4
+
+    identifiers = _identifiers_in_input(site_copy.dir)
+    truth = {value for case in site_copy.truth for p in [case.patient]
+             for value in (p.mrn, p.family_name, p.given_name, p.study_uid, p.series_uid,
+                           *_dates(p.birth_date.isoformat()))}
+    assert truth <= identifiers  # the reader of the input files misses nothing we know of
+
+    result = ingest_site(site_copy.dir)
+    assert len(result.cases) == len(active_indices(site_copy.truth)) - 3
+    assert result.fhir_issues and len(result.exclusions) >= 3
+
+    arrays: list[bytes] = []
+    stream = pickle.dumps(result.cases, protocol=5,
+                          buffer_callback=lambda b: arrays.append(bytes(b.raw())))
+    sent = b"\n".join([stream, repr(result.cases).encode(),
+                       json.dumps(result.report(), ensure_ascii=False).encode(),
+                       "\n".join(result.fhir_issues).encode()])
+    assert pickle.loads(stream, buffers=arrays)[0].pseudonym == result.cases[0].pseudonym
+
+    leaked = sorted(v for v in identifiers if v.encode() in sent)
+    assert leaked == []
+    # Pixel and label buffers are searched for the long identifiers only: a 3-letter name
+    # occurs in random bytes by chance.
+    leaked = sorted(v for v in identifiers if len(v) >= 8 and any(v.encode() in b for b in arrays))
+    assert leaked == []
+
+
+def test_pseudonym_is_truncated_hmac_sha256_of_the_mrn_under_the_site_key(site_copy):
+    key = bytes.fromhex((site_copy.dir / SECRET_FILE_NAME).read_text().strip())
+    names = pseudonyms(site_copy.dir, site_copy.truth)
+    for case, name in zip(site_copy.truth, names):
+        digest = hmac.new(key, case.patient.mrn.encode("utf-8"), hashlib.sha256).hexdigest()
+        assert name == "p-" + digest[:32]  # 128 bits, as documented in clinfed.data.pseudonym
+    assert len(set(names)) == len(names)
+    result = ingest_site(site_copy.dir)
+    assert {c.pseudonym for c in result.cases} == {names[i] for i in active_indices(site_copy.truth)}
+
+
+def test_same_mrn_under_another_site_key_gives_another_pseudonym(site_copy):
+    key = bytes.fromhex((site_copy.dir / SECRET_FILE_NAME).read_text().strip())
+    other_key = hashlib.sha256(key).digest()
+    for case in site_copy.truth:
+        mrn = case.patient.mrn
+        assert Pseudonymiser(key)(mrn) != Pseudonymiser(other_key)(mrn)
+    # Re-keying the whole site changes every pseudonym it hands out.
+    (site_copy.dir / SECRET_FILE_NAME).write_text(other_key.hex() + "\n")
+    rekeyed = {c.pseudonym for c in ingest_site(site_copy.dir).cases}
+    assert rekeyed.isdisjoint({Pseudonymiser(key)(c.patient.mrn) for c in site_copy.truth})
+    assert rekeyed == {Pseudonymiser(other_key)(site_copy.truth[i].patient.mrn)
+                       for i in active_indices(site_copy.truth)}

@@ -1,0 +1,83 @@
+"""Sample-level DP-SGD on the product model, with a job-wide budget that survives restarts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from privacy_helpers import ROI, synthetic_batch
+
+from clinfed.models.fusion_seg import FusionSegNet
+from clinfed.privacy.dp_sgd import SiteDPSGD
+from clinfed.privacy.errors import PrivacyBudgetExceeded
+from clinfed.training import TrainConfig, train_epochs
+
+N, BATCH = 4, 2
+CONFIG = TrainConfig(epochs=1, batch_size=BATCH, lr=1e-3, roi=ROI)
+
+
+def make_dp(budget_file, **overrides) -> SiteDPSGD:
+    args = dict(budget_file=budget_file, n_samples=N, batch_size=BATCH, num_rounds=2, local_epochs=1,
+                target_epsilon=10.0, accountant="rdp", job_id="job-1", site="site-1", study="s")
+    args.update(overrides)
+    return SiteDPSGD(**args)
+
+
+def private_round(dp: SiteDPSGD, model: torch.nn.Module, round_: int) -> dict:
+    loader = torch.utils.data.DataLoader(synthetic_batch(N, seed=round_), batch_size=BATCH)
+    with dp.private_round(model, torch.optim.Adam(model.parameters(), lr=1e-3), loader, round_=round_) as private:
+        return train_epochs(private.model, private.data_loader, CONFIG, optimizer=private.optimizer)
+
+
+def opacus_rdp_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    accountant = RDPAccountant()
+    for _ in range(steps):
+        accountant.step(noise_multiplier=sigma, sample_rate=q)
+    return accountant.get_epsilon(delta=delta)
+
+
+def test_dp_step_on_fusion_model_runs_and_leaves_its_state_dict_keys(tmp_path):
+    torch.manual_seed(0)
+    model = FusionSegNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dp = make_dp(tmp_path / "dp.json")
+    stats = private_round(dp, model, 0)
+    assert stats["steps"] == dp.steps_per_round == 2
+    assert list(model.state_dict()) == list(before)  # hooks gone, no "_module." prefix
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert dp.delta == pytest.approx(1 / (10 * N))
+
+
+def test_epsilon_spent_equals_opacus_accountant_and_continues_after_restart(tmp_path):
+    torch.manual_seed(1)
+    model = FusionSegNet()
+    dp = make_dp(tmp_path / "dp.json")
+    private_round(dp, model, 0)
+    after_one = dp.epsilon()
+    assert after_one == pytest.approx(
+        opacus_rdp_epsilon(dp.noise_multiplier, dp.sample_rate, dp.steps_per_round, dp.delta), rel=1e-9)
+
+    restarted = make_dp(tmp_path / "dp.json")  # a client restart: same job, state from the file
+    assert restarted.noise_multiplier == dp.noise_multiplier
+    assert restarted.epsilon() == pytest.approx(after_one)
+    private_round(restarted, model, 1)
+    after_two = restarted.epsilon()
+    assert after_two > after_one
+    assert after_two == pytest.approx(
+        opacus_rdp_epsilon(dp.noise_multiplier, dp.sample_rate, 2 * dp.steps_per_round, dp.delta), rel=1e-9)
+    # The noise was planned for the whole job: its last round lands on the target.
+    assert 10.0 - 0.011 <= after_two <= 10.0
+
+
+def test_budget_exhausted_declines_before_training(tmp_path):
+    model = FusionSegNet()
+    dp = make_dp(tmp_path / "dp.json", num_rounds=1)
+    private_round(dp, model, 0)
+    assert dp.would_exceed()
+    assert not dp.would_exceed(next_round_steps=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PrivacyBudgetExceeded, match="site-1 declines DP-SGD round 1"):
+        private_round(dp, model, 1)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(PrivacyBudgetExceeded):
+        dp.check_budget()
