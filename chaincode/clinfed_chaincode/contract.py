@@ -128,9 +128,12 @@ def _fields(record: Any, what: str, required: tuple[str, ...], optional: tuple[s
     return record
 
 
-def _text(value: Any, field: str, pattern: re.Pattern, expected: str) -> str:
+def _text(value: Any, field: str, pattern: re.Pattern, expected: str, echo: bool = True) -> str:
+    """``echo=False`` for fields where a wrong value may be a patient identifier: errors end up in
+    logs, so the value is not repeated."""
     if not isinstance(value, str) or not pattern.fullmatch(value):
-        raise ChaincodeError(INVALID, f"{field} must be {expected}, got {_show(value)}")
+        shown = _show(value) if echo else "a value that is not one (not shown: it may identify a patient)"
+        raise ChaincodeError(INVALID, f"{field} must be {expected}, got {shown}")
     return value
 
 
@@ -165,7 +168,7 @@ def _metrics(value: Any, field: str) -> dict:
     if not isinstance(value, dict) or len(value) > MAX_METRICS:
         raise ChaincodeError(INVALID, f"{field} must be an object of at most {MAX_METRICS} named numbers")
     for name, number in value.items():
-        _text(name, f"{field} name", _METRIC, "a lowercase name of [a-z0-9_./], starting with a letter")
+        _text(name, f"{field} name", _METRIC, "a lowercase name of [a-z0-9_./], starting with a letter", echo=False)
         _number(number, f"{field}.{name}")
     return value
 
@@ -260,7 +263,8 @@ class ClinfedContract(Contract):
         record = _fields(_parse_json(consent, "consent"), "consent",
                          ("pseudonym", "study", "site", "status", "consent_sha256"))
         pseudonym = _text(record["pseudonym"], "pseudonym", _PSEUDONYM,
-                          "a clinfed pseudonym ('p-' and 32 lowercase hex digits), never a patient identifier")
+                          "a clinfed pseudonym ('p-' and 32 lowercase hex digits), never a patient identifier",
+                          echo=False)
         study = _text(record["study"], "study", _ID, "a study ID of [A-Za-z0-9._:-]")
         site = _text(record["site"], "site", _SITE, "a site name")
         status = record["status"]
@@ -284,7 +288,7 @@ class ClinfedContract(Contract):
 
     async def GetConsent(self, ctx: TransactionContext, study: str, pseudonym: str) -> str:
         _text(study, "study", _ID, "a study ID")
-        _text(pseudonym, "pseudonym", _PSEUDONYM, "a clinfed pseudonym")
+        _text(pseudonym, "pseudonym", _PSEUDONYM, "a clinfed pseudonym", echo=False)
         key = ctx.get_stub().create_composite_key(K_CONSENT, [study, pseudonym])
         record = await self._get(ctx, key)
         if record is None:
@@ -296,7 +300,7 @@ class ClinfedContract(Contract):
         return canonical_json(await self._scan(ctx, K_CONSENT, [study]))
 
     async def GetConsentsByPseudonym(self, ctx: TransactionContext, pseudonym: str) -> str:
-        _text(pseudonym, "pseudonym", _PSEUDONYM, "a clinfed pseudonym")
+        _text(pseudonym, "pseudonym", _PSEUDONYM, "a clinfed pseudonym", echo=False)
         return canonical_json([r for r in await self._scan(ctx, K_CONSENT, []) if r["pseudonym"] == pseudonym])
 
     # ---------------------------------------------------------------- training records
@@ -422,7 +426,8 @@ class ClinfedContract(Contract):
         for a consent (see ``KEY_PARTS``).
         """
         if record_type not in KEY_PARTS:
-            raise ChaincodeError(INVALID, f"record_type must be one of {', '.join(KEY_PARTS)}, got {_show(record_type)}")
+            raise ChaincodeError(INVALID, f"record_type must be one of {', '.join(KEY_PARTS)}, "
+                                 f"got {_show(record_type)}")
         parts = _fields(_parse_json(key, "key"), f"{record_type} key", KEY_PARTS[record_type])
         attrs = []
         for name in KEY_PARTS[record_type]:

@@ -31,6 +31,9 @@ from clinfed.training import (
 )
 from clinfed.widgets.round_log import ROUND_LOG_FILE
 
+# Cross-site evaluation names the server's final global model by its file.
+SERVER_MODEL_KEY = "SRV_FL_global_model.pt"
+
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -114,7 +117,7 @@ def read_federated_results(server_run_dir: Path, evaluation: list[Case], config:
     for k in range(1, len(rounds) + 1):
         after = rounds[k]["metrics"] if k < len(rounds) else {"dice": final["dice"], "auc": final["auc"]}
         site_scores = rounds[k]["site_metrics"] if k < len(rounds) else {
-            site: scores.get("SRV_server", {}) for site, scores in cross_site.items()}
+            site: scores.get(SERVER_MODEL_KEY, {}) for site, scores in cross_site.items()}
         per_round.append({
             "round": k,
             "dice": finite_or_none(after.get("dice")),

@@ -7,8 +7,6 @@ ledger client acting as that MSP (the Fabric one will start its network in a ses
 
 from __future__ import annotations
 
-import hashlib
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,34 +14,14 @@ from typing import Callable
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from ledger_helpers import COORDINATOR, REPO, SITES
+
 try:  # installed with the bundle once pyproject lists it; the source tree otherwise
     import clinfed_chaincode  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(REPO / "chaincode"))
 
 from clinfed.ledger import LocalLedger  # noqa: E402
-
-COORDINATOR = "CoordinatorMSP"
-SITES = {"site-1": "Site1MSP", "site-2": "Site2MSP", "site-3": "Site3MSP"}
-OUTSIDER = "OutsiderMSP"
-
-
-def subprocess_env() -> dict:
-    """Environment for child processes that import clinfed and the chaincode from this tree."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "chaincode"), str(REPO / "custom"),
-                                         env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
-
-
-def pseudonym(n: int | str) -> str:
-    """A pseudonym in clinfed.data.pseudonym's format ("p-" + 32 hex digits)."""
-    return "p-" + hashlib.sha256(f"patient-{n}".encode()).hexdigest()[:32]
-
-
-def digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass

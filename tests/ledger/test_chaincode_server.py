@@ -15,7 +15,7 @@ from fabric_protos.peer import proposal_response_pb2
 
 from clinfed.ledger.identity import Identity
 from clinfed.ledger.proposal import build_proposal
-from conftest import COORDINATOR, SITES
+from ledger_helpers import COORDINATOR, SITES
 
 Msg = chaincode_shim_pb2.ChaincodeMessage
 

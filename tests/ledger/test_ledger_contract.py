@@ -10,7 +10,7 @@ import pytest
 
 from clinfed.ledger import (Absence, AccessDenied, Consent, Contribution, DuplicateRecord, GlobalModel, InvalidRecord,
                             LedgerConflict, NotInitialised, UnknownMsp, verify_job)
-from conftest import COORDINATOR, OUTSIDER, SITES, digest, pseudonym
+from ledger_helpers import COORDINATOR, OUTSIDER, SITES, digest, pseudonym
 
 JOB = "job-7f3a"
 
@@ -241,8 +241,10 @@ def test_site_cannot_write_other_sites_consent(consortium):
 def test_only_pseudonyms_identify_patients(consortium, patient_id):
     record = Consent(pseudonym=patient_id, study="STUDY-GLIOMA-1", site="site-1", status="active",
                      consent_sha256=digest("c"))
-    with pytest.raises(InvalidRecord, match="pseudonym must be a clinfed pseudonym .*never a patient identifier"):
+    with pytest.raises(InvalidRecord, match="pseudonym must be a clinfed pseudonym .*never a patient identifier") \
+            as err:
         consortium.site("site-1").put_consent(record)
+    assert "not shown" in str(err.value) and (not patient_id or patient_id not in str(err.value))  # errors reach logs
 
 
 def test_consent_with_extra_patient_fields_is_refused(consortium):

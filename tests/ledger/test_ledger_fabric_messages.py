@@ -245,7 +245,8 @@ def test_other_gateway_failures_name_the_peer_and_say_whether_to_retry(fabric):
     with pytest.raises(LedgerUnavailable):
         fabric._call("Submit", failing(grpc.StatusCode.UNAVAILABLE), None, 1.0, "RecordContribution")
     with pytest.raises(LedgerError, match=r"Endorse of RecordContribution via peer0.site1.example.com:7051 failed "
-                                          r"\(PERMISSION_DENIED: boom\) \[Site2MSP at peer0.site2:7051: access denied\]"):
+                                          r"\(PERMISSION_DENIED: boom\) "
+                                          r"\[Site2MSP at peer0.site2:7051: access denied\]"):
         fabric._call("Endorse", failing(grpc.StatusCode.PERMISSION_DENIED), None, 1.0, "RecordContribution")
 
 

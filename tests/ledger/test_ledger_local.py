@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from clinfed.ledger import Consent, Contribution, DuplicateRecord, InvalidRecord, LocalLedger
-from conftest import COORDINATOR, SITES, digest, pseudonym, subprocess_env
+from ledger_helpers import COORDINATOR, SITES, digest, pseudonym, subprocess_env
 
 WORKER = Path(__file__).with_name("ledger_worker.py")
 

@@ -12,7 +12,7 @@ import pytest
 
 from clinfed.ledger import (AccessDenied, Contribution, DuplicateRecord, LedgerUnavailable, LocalLedger, Outbox,
                             OutboxLedger)
-from conftest import COORDINATOR, SITES, digest, subprocess_env
+from ledger_helpers import COORDINATOR, SITES, digest, subprocess_env
 from ledger_worker import FlakyLedger
 
 WORKER = Path(__file__).with_name("ledger_worker.py")

@@ -72,6 +72,7 @@ class Outbox:
         self._offset = 0
         self._inode = None
         self._depth = 0
+        self._max_seq = 0
         self.torn_lines = 0
 
     # ------------------------------------------------------------------ locking and reading
@@ -157,7 +158,9 @@ class Outbox:
     def append(self, function: str, args) -> OutboxEntry:
         """Journal a write durably; returns its entry (``seq`` orders delivery)."""
         with self.locked():
-            seq = max(self._entries, default=0) + 1
+            # never reuse a number in this process, even after compaction emptied the journal
+            seq = max(max(self._entries, default=0), self._max_seq) + 1
+            self._max_seq = seq
             self._append_line({"put": seq, "function": function, "args": [str(a) for a in args]})
             entry = self._entries[seq]
             entry.attempted = False

@@ -42,6 +42,16 @@ class PrivateRound(NamedTuple):
     data_loader: torch.utils.data.DataLoader
 
 
+def _seed_empty_batch_structure(dp_loader, data_loader) -> None:
+    """Poisson sampling draws empty batches (probability (1 - q)^n each). Opacus builds them from
+    the first batch it collated, and fails when the first batch of a round is itself empty and the
+    samples are dicts (MONAI's). Collating one real sample up front gives it the structure."""
+    collate = getattr(dp_loader, "collate_fn", None)
+    if getattr(collate, "first_batch", False) is None and len(data_loader.dataset):
+        inner = collate.wrapped_collator_fn or torch.utils.data.default_collate
+        collate.first_batch = inner([data_loader.dataset[0]])
+
+
 class SiteDPSGD:
     """Opacus DP-SGD with Poisson sampling and a per-site, per-study budget that spans the job.
 
@@ -153,6 +163,7 @@ class SiteDPSGD:
         except Exception:
             self.budget.commit([], job_id=self.job_id, round_=round_, reservation=reservation)
             raise
+        _seed_empty_batch_structure(dp_loader, data_loader)
         try:
             yield PrivateRound(hooked if wrap else model, dp_optimizer, dp_loader)
         finally:

@@ -1,0 +1,45 @@
+"""The committed job folders are exactly what the Python job definitions export."""
+
+import filecmp
+import json
+from pathlib import Path
+
+from clinfed.jobs.tumour_seg import export_jobs
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_committed_jobs_match_their_python_definitions(tmp_path):
+    exported = export_jobs(tmp_path)
+    assert exported, "no job exported"
+    for job_dir in exported:
+        committed = REPO / "jobs" / job_dir.name
+        assert committed.is_dir(), f"jobs/{job_dir.name} is not committed; run `clinfed jobs export`"
+        assert _tree(committed) == _tree(job_dir), (
+            f"jobs/{job_dir.name} differs from its Python definition; run `clinfed jobs export` and commit")
+
+
+def test_exported_job_is_not_byoc_and_names_installed_classes(tmp_path):
+    job_dir = export_jobs(tmp_path)[0]
+    assert not (job_dir / "app" / "custom").exists(), "a job with app/custom is BYOC"
+    client = json.loads((job_dir / "app" / "config" / "config_fed_client.json").read_text())
+    server = json.loads((job_dir / "app" / "config" / "config_fed_server.json").read_text())
+    assert client["executors"][0]["executor"]["path"] == "clinfed.executors.seg_executor.SegExecutor"
+    assert server["workflows"][0]["args"]["aggregator"]["path"] == "clinfed.aggregators.fedavg.WeightedFedAvg"
+    # Site data locations come from the site, never from the job.
+    assert "data" not in json.dumps(client["executors"][0]["executor"]["args"])
+
+
+def test_changed_definition_is_detected(tmp_path):
+    """The comparison above would notice a drift: a different round count changes the export."""
+    from clinfed.jobs.tumour_seg import TumourSegFedAvgRecipe
+
+    TumourSegFedAvgRecipe(num_rounds=3).export(str(tmp_path / "other"))
+    default = export_jobs(tmp_path / "default")[0]
+    assert not filecmp.cmp(default / "app" / "config" / "config_fed_server.json",
+                           tmp_path / "other" / default.name / "app" / "config" / "config_fed_server.json",
+                           shallow=False)
