@@ -26,6 +26,7 @@ class WeightedFedAvg(ModelAggregator):
         self._params_type = None
         self._site_metrics: dict[str, dict] = {}
         self._site_samples: dict[str, float] = {}
+        self._site_seconds: dict[str, dict] = {}
 
     def accept_model(self, model: FLModel):
         site = (model.meta or {}).get(FLMetaKey.SITE_NAME, "?")
@@ -46,6 +47,8 @@ class WeightedFedAvg(ModelAggregator):
             self._sum[name] = self._sum[name] + weighted if name in self._sum else weighted
         self._weight += weight
         self._site_samples[site] = weight
+        meta = model.meta or {}
+        self._site_seconds[site] = {k: meta[k] for k in ("train_seconds", "validate_seconds") if k in meta}
         if model.metrics:
             self._site_metrics[site] = dict(model.metrics)
 
@@ -56,6 +59,7 @@ class WeightedFedAvg(ModelAggregator):
         result = FLModel(params_type=self._params_type or ParamsType.DIFF, params=params,
                          metrics=self._weighted_metrics(),
                          meta={"site_metrics": self._site_metrics, "site_samples": self._site_samples,
+                               "site_seconds": self._site_seconds,
                                "aggregation": "weighted_fedavg"})
         self.reset_stats()
         return result

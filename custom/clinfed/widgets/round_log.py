@@ -49,6 +49,7 @@ class RoundLogWriter(Widget):
                 "metrics": result.metrics or {},
                 "site_metrics": meta.get("site_metrics", {}),
                 "participants": sorted(meta.get("site_samples", {})),
+                "site_seconds": meta.get("site_seconds", {}),
                 "seconds": None if self._round_started is None else time.perf_counter() - self._round_started,
             }
             with self._path.open("a") as f:
