@@ -13,7 +13,7 @@ from clinfed.privacy.masking import generate_private_key_file, write_key_directo
 
 @pytest.fixture(scope="session")
 def fusion_updates() -> dict[str, dict[str, np.ndarray]]:
-    """Real FusionSegNet weight differences: each site takes two Adam steps on its own data."""
+    """Real FusionSegNet weight differences: each site takes an Adam step on its own data."""
     from clinfed.training import TrainConfig, train_epochs
 
     torch.manual_seed(0)
@@ -23,7 +23,7 @@ def fusion_updates() -> dict[str, dict[str, np.ndarray]]:
     for i, site in enumerate(SITES):
         model = FusionSegNet()
         model.load_state_dict(initial)
-        loader = torch.utils.data.DataLoader(synthetic_batch(4, seed=i), batch_size=2)
+        loader = torch.utils.data.DataLoader(synthetic_batch(2, seed=i), batch_size=2)
         train_epochs(model, loader, TrainConfig(epochs=1, batch_size=2, lr=3e-3, roi=ROI))
         updates[site] = {k: (v.detach() - initial[k]).numpy().astype(np.float32) for k, v in model.state_dict().items()}
     return updates

@@ -38,10 +38,10 @@ def test_gaussian_accountant_is_exact_for_unsubsampled_releases():
 
 
 def test_noise_multiplier_fits_the_whole_plan_into_what_is_left():
-    history = [(1.5, 0.1, 100)]
-    sigma = noise_multiplier_for(target_epsilon=6.0, delta=1e-4, sample_rate=0.1, steps=200, accountant="rdp",
+    history = [(1.5, 0.01, 1000)]
+    sigma = noise_multiplier_for(target_epsilon=6.0, delta=1e-4, sample_rate=0.01, steps=2000, accountant="rdp",
                                  history=history)
-    after = compose_epsilon(history + [(sigma, 0.1, 200)], 1e-4, "rdp")
+    after = compose_epsilon(history + [(sigma, 0.01, 2000)], 1e-4, "rdp")
     assert 6.0 - 0.01 <= after <= 6.0
 
 

@@ -40,7 +40,7 @@ def test_dp_step_on_fusion_model_runs_and_leaves_its_state_dict_keys(tmp_path):
     torch.manual_seed(0)
     model = FusionSegNet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    dp = make_dp(tmp_path / "dp.json")
+    dp = make_dp(tmp_path / "dp.json")  # default per-sample gradients: ExpandedWeights
     stats = private_round(dp, model, 0)
     assert stats["steps"] == dp.steps_per_round == 2
     assert list(model.state_dict()) == list(before)  # hooks gone, no "_module." prefix
@@ -75,3 +75,53 @@ def test_epsilon_equals_opacus_accountant_continues_after_restart_and_stops_at_b
         private_round(restarted, model, 2)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert restarted.epsilon() == pytest.approx(after_two)
+
+
+def test_empty_poisson_first_batch_of_dict_samples_keeps_the_batch_structure():
+    from opacus.data_loader import DPDataLoader
+
+    from clinfed.privacy.dp_sgd import _seed_empty_batch_structure
+
+    loader = torch.utils.data.DataLoader(synthetic_batch(3, seed=0), batch_size=1)
+    dp_loader = DPDataLoader.from_data_loader(loader)
+    _seed_empty_batch_structure(dp_loader, loader)
+    empty = dp_loader.collate_fn([])  # what Opacus collates when Poisson sampling picks no one
+    assert set(empty) == {"image", "label", "ehr", "outcome"}
+    assert empty["image"].shape == (0, 1, *ROI)
+
+
+def test_empty_poisson_batch_is_a_noise_only_step_in_expanded_weights_mode(tmp_path):
+    model = FusionSegNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dp = make_dp(tmp_path / "dp.json", grad_sample_mode="ew")
+    loader = torch.utils.data.DataLoader(synthetic_batch(N, seed=0), batch_size=BATCH)
+    with dp.private_round(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, round_=0) as private:
+        private.optimizer.zero_grad(set_to_none=True)
+        seg_logits, outcome = private.model(torch.zeros(0, 1, *ROI), torch.zeros(0, 8))
+        assert seg_logits.shape == (0, 2, *ROI) and outcome.shape == (0,)
+        (seg_logits.sum() + outcome.sum()).backward()
+        private.optimizer.step()
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the noise moved it
+
+
+def test_expanded_weights_per_sample_gradients_equal_the_hooks_ones():
+    from opacus import PrivacyEngine
+
+    torch.manual_seed(3)
+    batch = next(iter(torch.utils.data.DataLoader(synthetic_batch(2, seed=5), batch_size=2)))
+    reference = FusionSegNet().state_dict()
+    per_sample = {}
+    for mode, wrap in (("hooks", False), ("ew", True)):
+        model = FusionSegNet()
+        model.load_state_dict(reference)
+        hooked, _, _ = PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+            data_loader=torch.utils.data.DataLoader(synthetic_batch(2, seed=5), batch_size=2), noise_multiplier=0.0,
+            max_grad_norm=1e9, poisson_sampling=False, grad_sample_mode=mode, wrap_model=wrap)
+        seg_logits, outcome = (hooked if wrap else model)(batch["image"], batch["ehr"])
+        (torch.nn.functional.cross_entropy(seg_logits, batch["label"][:, 0].long())
+         + torch.nn.functional.binary_cross_entropy_with_logits(outcome, batch["outcome"])).backward()
+        per_sample[mode] = {n: p.grad_sample.detach().clone() for n, p in model.named_parameters()}
+    for name, hooks_grad in per_sample["hooks"].items():
+        assert torch.allclose(per_sample["ew"][name], hooks_grad, rtol=1e-4, atol=1e-7), name

@@ -38,7 +38,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.workflows.fedavg import FedAvg
 
-from clinfed.privacy.errors import MaskedRoundIncomplete, MaskingError
+from clinfed.privacy.errors import MaskedRoundIncomplete, MaskingError, MaskRangeExceeded
 from clinfed.privacy.masking import (
     MASK_CONTEXT_KEY,
     MASKED_META_KEY,
@@ -48,11 +48,6 @@ from clinfed.privacy.masking import (
     layout_digest,
     layout_of,
 )
-
-
-class MaskRangeExceeded(MaskingError):
-    """The sites' clear weights add up to more than the round's ``total_weight``: the ring sum may
-    have wrapped. Redo with the weights now known."""
 
 
 class MaskedSumAggregator(ModelAggregator):
@@ -121,7 +116,8 @@ class MaskedSumAggregator(ModelAggregator):
         weight = float(info.get("weight", 0))
         clear_weight = meta.get(self.weight_key)
         if weight <= 0 or clear_weight is None or not np.isclose(float(clear_weight), weight, rtol=0, atol=1e-9):
-            return self._refuse(site, f"masked weight {weight} does not match its clear '{self.weight_key}' {clear_weight}")
+            return self._refuse(site, f"masked weight {weight} does not match its clear "
+                                      f"'{self.weight_key}' {clear_weight}")
 
         for name, value in params.items():
             value = np.asarray(value, dtype=np.uint32)

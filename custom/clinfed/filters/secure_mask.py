@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
+import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -34,6 +36,7 @@ from nvflare.apis.fl_constant import FilterKey, FLContextKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
+from clinfed.privacy.accounting import default_privacy_dir
 from clinfed.privacy.errors import MaskingError
 from clinfed.privacy.masking import (
     MASK_CONTEXT_KEY,
@@ -53,6 +56,7 @@ MASKED_DATA_KIND = DataKind.APP_DEFINED
 _SEEN_CONTEXTS: "OrderedDict[tuple, dict]" = OrderedDict()
 _SEEN_LOCK = threading.Lock()
 _SEEN_MAX = 64
+_USED_MAX = 100_000
 
 
 def _remember_context(key: tuple, context: dict) -> None:
@@ -87,12 +91,16 @@ class SecureMaskFilter(DXOFilter):
         min_participants: refuse to mask for fewer listed participants than this (a sum of two
             sites tells each the other's update once the global model is published).
         weight_key: the result meta holding this site's weight (sent in clear).
+        state_dir: where the (job, round, attempt) triples this site has masked for are kept, so a
+            restarted client still refuses to mask twice under the same masks; default
+            ``<site workspace>/clinfed_privacy``. File: ``<state_dir>/masking/<site>.used.json``.
         data_kinds: DXO kinds to mask: ``WEIGHT_DIFF`` (default) and/or ``WEIGHTS``.
     """
 
     def __init__(self, private_key_file: str, key_directory_file: str | None = None,
                  key_directory_class: str | None = None, key_directory_args: dict | None = None,
-                 min_participants: int = 2, weight_key: str = "n_samples", data_kinds: list[str] | None = None):
+                 min_participants: int = 2, weight_key: str = "n_samples", state_dir: str | None = None,
+                 data_kinds: list[str] | None = None):
         super().__init__(supported_data_kinds=[DataKind.WEIGHT_DIFF, DataKind.WEIGHTS],
                          data_kinds_to_filter=data_kinds or [DataKind.WEIGHT_DIFF])
         if not isinstance(private_key_file, str) or not private_key_file:
@@ -109,9 +117,10 @@ class SecureMaskFilter(DXOFilter):
         self.key_directory_args = key_directory_args or {}
         self.min_participants = min_participants
         self.weight_key = weight_key
+        self.state_dir = state_dir
         self._directory: SiteKeyDirectory | None = None
         self._private_key = None
-        self._used: set[tuple[str, int, int]] = set()
+        self._used: set[tuple[str, int, int]] | None = None
         self._lock = threading.Lock()
 
     # -- setup -----------------------------------------------------------------------------
@@ -137,6 +146,39 @@ class SecureMaskFilter(DXOFilter):
                     raise MaskingError(f"{self.key_directory_class} has no public_keys() method")
                 self._directory = directory
         return self._private_key, self._directory.public_keys()
+
+    def _used_file(self, fl_ctx: FLContext, site: str) -> Path | None:
+        if self.state_dir:
+            folder = Path(self.state_dir)
+        elif fl_ctx.get_engine() is not None:
+            folder = default_privacy_dir(fl_ctx)
+        else:
+            return None
+        return folder / "masking" / f"{site}.used.json"
+
+    def _claim_attempt(self, fl_ctx: FLContext, site: str, context: MaskContext) -> None:
+        """Two different updates under the same masks would give the server their difference:
+        each (job, round, attempt) is masked for once, across client restarts too."""
+        key = (context.job_id, context.round, context.attempt)
+        path = self._used_file(fl_ctx, site)
+        with self._lock:
+            if self._used is None:
+                self._used = set()
+                if path is not None and path.exists():
+                    try:
+                        self._used = {tuple(k) for k in json.loads(path.read_text())}
+                    except (OSError, ValueError) as err:
+                        raise MaskingError(f"{path}: unreadable record of masked rounds ({err})") from err
+            if key in self._used:
+                raise MaskingError(f"site {site}: already masked an update for job {context.job_id} round "
+                                   f"{context.round} attempt {context.attempt}; a redo must use a new attempt number")
+            self._used.add(key)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                recent = sorted(self._used, key=lambda k: (str(k[0]), k[1], k[2]))[-_USED_MAX:]
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text(json.dumps([list(k) for k in recent]))
+                os.replace(tmp, path)
 
     # -- filtering -------------------------------------------------------------------------
 
@@ -178,14 +220,9 @@ class SecureMaskFilter(DXOFilter):
                                f"fewer than this site's minimum of {self.min_participants}")
         weight = dxo.get_meta_prop(self.weight_key)
         if not isinstance(weight, (int, float)) or weight <= 0:
-            raise MaskingError(f"site {site}: result meta '{self.weight_key}' must be a positive number, got {weight!r}")
-        attempt_key = (context.job_id, context.round, context.attempt)
-        with self._lock:
-            # Two different updates under the same masks would give the server their difference.
-            if attempt_key in self._used:
-                raise MaskingError(f"site {site}: already masked an update for job {context.job_id} round "
-                                   f"{context.round} attempt {context.attempt}; a redo must use a new attempt number")
-            self._used.add(attempt_key)
+            raise MaskingError(f"site {site}: result meta '{self.weight_key}' must be a positive number, "
+                               f"got {weight!r}")
+        self._claim_attempt(fl_ctx, site, context)
         private_key, public_keys = self._keys(fl_ctx)
         masked = mask_update(dxo.data, weight=float(weight), site=site, private_key=private_key,
                              public_keys=public_keys, context=context, data_kind=dxo.data_kind)

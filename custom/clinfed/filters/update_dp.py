@@ -10,7 +10,6 @@ Example ``local/privacy.json`` entry (a site's strict scope; runs on the train t
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
@@ -22,7 +21,14 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.app_common.app_constant import AppConstants
 
-from clinfed.privacy.accounting import ACCOUNTANTS, PrivacyBudget, budget_file, compose_epsilon, default_privacy_dir
+from clinfed.privacy.accounting import (
+    ACCOUNTANTS,
+    PrivacyBudget,
+    budget_file,
+    compose_epsilon,
+    default_privacy_dir,
+    stored_delta,
+)
 from clinfed.privacy.errors import PrivacyBudgetExceeded, PrivacyStateError
 
 DEFAULT_STUDY = "clinfed-tumour-seg"  # clinfed.data.profiles.STUDY_ID
@@ -93,12 +99,7 @@ class UpdateDPFilter(DXOFilter):
     def _budget(self, fl_ctx: FLContext, site: str, n_samples) -> PrivacyBudget:
         folder = Path(self.state_dir) if self.state_dir else default_privacy_dir(fl_ctx)
         path = budget_file(folder, study=self.study, site=site, mechanism=MECHANISM)
-        delta = self.delta
-        if delta is None and path.exists():
-            try:
-                delta = float(json.loads(path.read_text())["delta"])
-            except (OSError, ValueError, KeyError) as err:
-                raise PrivacyStateError(f"{path}: cannot read field 'delta' ({err})") from err
+        delta = self.delta if self.delta is not None else stored_delta(path)
         if delta is None:
             if not isinstance(n_samples, (int, float)) or n_samples < 1:
                 raise PrivacyStateError("UpdateDPFilter: no 'delta' configured and the result has no n_samples "
@@ -123,7 +124,8 @@ class UpdateDPFilter(DXOFilter):
         round_ = shareable.get_header(AppConstants.CURRENT_ROUND, dxo.get_meta_prop(AppConstants.CURRENT_ROUND))
         budget = self._budget(fl_ctx, site, dxo.get_meta_prop("n_samples"))
         event = [(self.effective_noise_multiplier, 1.0, 1)]
-        budget.check(event, what=f"the update of round {round_} of job {job_id}")
+        what = f"the update of round {round_} of job {job_id}"
+        budget.check(event, what=what)  # before any work; spend() checks again under the file lock
 
         names = sorted(dxo.data)
         arrays = {name: np.asarray(dxo.data[name]) for name in names}
@@ -131,12 +133,16 @@ class UpdateDPFilter(DXOFilter):
         factor = min(1.0, self.clip_norm / norm) if norm > 0 else 1.0
         std = self.noise_multiplier * self.clip_norm
         rng = np.random.default_rng()  # seeded from OS entropy on every call
-        noisy = {name: (a.astype(np.float64) * factor + rng.normal(0.0, std, size=a.shape)).astype(
-                     a.dtype if np.issubdtype(a.dtype, np.floating) else np.float32)
-                 for name, a in arrays.items()}
+        noisy = {}
+        for name, a in arrays.items():
+            dtype = a.dtype if a.dtype in (np.float32, np.float64) else np.dtype(np.float32)
+            noise = rng.standard_normal(a.shape, dtype=dtype)
+            noise *= std
+            noise += a.astype(dtype) * dtype.type(factor)  # a new array: the input is never written
+            noisy[name] = noise
 
         # Spend is recorded before the update leaves the site: a failed send still counts.
-        epsilon_total = budget.commit(event, job_id=job_id, round_=round_)
+        epsilon_total = budget.spend(event, what=what, job_id=job_id, round_=round_)
         epsilon_round = compose_epsilon(event, budget.delta, self.accountant)
         # The norm itself is not sent (it is data-dependent); the site log gets it.
         self.log_info(fl_ctx, f"update DP: norm {norm:.4g} clipped to {self.clip_norm:g} (x{factor:.3g}), noise std "

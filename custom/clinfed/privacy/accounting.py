@@ -294,11 +294,18 @@ class PrivacyBudget:
                                      "events": [list(e) for e in events]})
         return reservation
 
+    def spend(self, events: Iterable[Sequence], *, what: str, job_id: str, round_: int | None) -> float:
+        """Check and record ``events`` in one locked step (a release that happens at once); returns
+        the total epsilon. Raises ``PrivacyBudgetExceeded`` and records nothing if over budget."""
+        return self.commit(events, job_id=job_id, round_=round_, check_as=what)
+
     def commit(self, events: Iterable[Sequence], *, job_id: str, round_: int | None,
-               reservation: str | None = None) -> float:
+               reservation: str | None = None, check_as: str | None = None) -> float:
         """Record what was actually spent (releasing ``reservation``) and return the total epsilon."""
         events = merge_history(events)
         with self._update() as state:
+            if check_as is not None:
+                self.check(events, check_as)
             state["pending"] = [r for r in state["pending"] if r.get("id") != reservation]
             state["history"] = [list(e) for e in merge_history(list(state["history"]) + events)]
             total = compose_epsilon(self.history, self.delta, self.accountant)
@@ -321,6 +328,17 @@ def _safe_name(name: str) -> str:
 def budget_file(folder: str | os.PathLike, *, study: str, site: str, mechanism: str) -> Path:
     """Where a site's spend for a study lives: ``<folder>/<study>/<site>.<mechanism>.json``."""
     return Path(folder) / _safe_name(study) / f"{_safe_name(site)}.{_safe_name(mechanism)}.json"
+
+
+def stored_delta(path: str | os.PathLike) -> float | None:
+    """The delta a budget file was started with, or None if there is no file yet."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return float(json.loads(path.read_text())["delta"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PrivacyStateError(f"{path}: cannot read field 'delta' ({err})") from err
 
 
 def default_privacy_dir(fl_ctx) -> Path:

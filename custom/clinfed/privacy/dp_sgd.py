@@ -26,7 +26,13 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-from clinfed.privacy.accounting import PrivacyBudget, compose_epsilon, merge_history, noise_multiplier_for
+from clinfed.privacy.accounting import (
+    PrivacyBudget,
+    compose_epsilon,
+    merge_history,
+    noise_multiplier_for,
+    stored_delta,
+)
 from clinfed.privacy.errors import PrivacyBudgetExceeded, PrivacyStateError
 
 # Modes whose hooks can sit on the caller's own module: its state_dict keys stay as they are.
@@ -52,6 +58,43 @@ def _seed_empty_batch_structure(dp_loader, data_loader) -> None:
         collate.first_batch = inner([data_loader.dataset[0]])
 
 
+class _EmptyBatchSafe(torch.nn.Module):
+    """Opacus's ExpandedWeights mode (``ew``) cannot run a batch of size 0, which Poisson sampling
+    draws now and then. For one, this gives every parameter an empty per-sample gradient (the DP
+    optimiser then takes a noise-only step, as it must) and returns empty outputs of the model's
+    output structure, still attached to the graph so the training loop's backward() works."""
+
+    def __init__(self, wrapped: torch.nn.Module, module: torch.nn.Module):
+        super().__init__()
+        self.wrapped = wrapped
+        self._plain = [module]  # not a submodule: parameters are registered once, via ``wrapped``
+
+    def forward(self, *args, **kwargs):
+        first = args[0] if args else next(iter(kwargs.values()))
+        if first.shape[0] > 0:
+            return self.wrapped(*args, **kwargs)
+        module = self._plain[0]
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        for parameter in trainable:
+            parameter.grad_sample = torch.zeros((0, *parameter.shape), dtype=parameter.dtype, device=parameter.device)
+        anchor = trainable[0].sum() * 0.0
+        one = [a[:1].new_zeros((1, *a.shape[1:])) if torch.is_tensor(a) else a for a in args]
+        with torch.no_grad():
+            shaped = module(*one, **{k: v[:1].new_zeros((1, *v.shape[1:])) if torch.is_tensor(v) else v
+                                     for k, v in kwargs.items()})
+        return _map_tensors(shaped, lambda t: t[:0] + anchor)
+
+
+def _map_tensors(value, fn):
+    if torch.is_tensor(value):
+        return fn(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
 class SiteDPSGD:
     """Opacus DP-SGD with Poisson sampling and a per-site, per-study budget that spans the job.
 
@@ -62,16 +105,18 @@ class SiteDPSGD:
         num_rounds: rounds this job will train for.
         local_epochs: epochs per round.
         target_epsilon: the site's budget for this study.
-        target_delta: defaults to 1 / (10 n).
+        target_delta: defaults to 1 / (10 n) at the study's first job (then kept in the budget file).
         max_grad_norm: per-sample gradient clipping bound.
         accountant: ``prv`` (tighter, slower) or ``rdp``.
-        grad_sample_mode: Opacus per-sample gradient engine: ``hooks``, ``functorch`` or ``ew``.
+        grad_sample_mode: Opacus per-sample gradient engine: ``ew`` (ExpandedWeights; default:
+            1.2x a non-private step on FusionSegNet on CPU, against 7x for ``hooks``; per-sample
+            gradients checked equal), ``hooks`` or ``functorch``.
         job_id, site, study: where the spend is recorded.
     """
 
     def __init__(self, *, budget_file: str | os.PathLike, n_samples: int, batch_size: int, num_rounds: int,
                  local_epochs: int, target_epsilon: float, target_delta: float | None = None,
-                 max_grad_norm: float = 1.0, accountant: str = "prv", grad_sample_mode: str = "hooks",
+                 max_grad_norm: float = 1.0, accountant: str = "prv", grad_sample_mode: str = "ew",
                  job_id: str = "job", site: str = "", study: str = ""):
         if n_samples < 1 or batch_size < 1 or num_rounds < 1 or local_epochs < 1:
             raise ValueError("n_samples, batch_size, num_rounds and local_epochs must all be >= 1")
@@ -89,7 +134,10 @@ class SiteDPSGD:
         self.accountant = accountant
         self.grad_sample_mode = grad_sample_mode
         self.job_id = str(job_id)
-        self.delta = float(target_delta) if target_delta else 1.0 / (10 * self.n_samples)
+        # Delta is fixed for a study's budget file: the default 1/(10 n) is taken at the first
+        # job, and a later cohort size does not change it.
+        self.delta = float(target_delta) if target_delta else (
+            stored_delta(budget_file) or 1.0 / (10 * self.n_samples))
         # Opacus takes the sampling rate from the loader's length: 1 / number of batches.
         self.batches_per_epoch = math.ceil(self.n_samples / self.batch_size)
         self.sample_rate = 1.0 / self.batches_per_epoch
@@ -105,7 +153,8 @@ class SiteDPSGD:
     def _plan_noise(self) -> float:
         """Same noise for every round of a job; a restarted client finds its plan in the file."""
         plan = self.budget.plan(self.job_id)
-        if plan and math.isclose(plan["sample_rate"], self.sample_rate) and plan["steps_per_round"] == self.steps_per_round:
+        if (plan and math.isclose(plan["sample_rate"], self.sample_rate)
+                and plan["steps_per_round"] == self.steps_per_round):
             return float(plan["noise_multiplier"])
         # First start of this job, or the cohort changed: fit the rounds still to come into what is left.
         rounds_left = max(self.num_rounds - len(self.budget.rounds_of(self.job_id)), 1)
@@ -165,7 +214,7 @@ class SiteDPSGD:
             raise
         _seed_empty_batch_structure(dp_loader, data_loader)
         try:
-            yield PrivateRound(hooked if wrap else model, dp_optimizer, dp_loader)
+            yield PrivateRound(_EmptyBatchSafe(hooked, model) if wrap else model, dp_optimizer, dp_loader)
         finally:
             taken = merge_history(engine.accountant.history)
             if not wrap:

@@ -42,3 +42,8 @@ class MaskedRoundIncomplete(MaskingError):
         self.received = sorted(received)
         super().__init__(f"round {round_} attempt {attempt}: no masked update from {self.missing} "
                          f"(received {self.received}); the masked sum cannot be opened and is discarded")
+
+
+class MaskRangeExceeded(MaskingError):
+    """The sites' clear weights add up to more than the round's ``total_weight``: the ring sum may
+    have wrapped. Redo with the weights now known."""

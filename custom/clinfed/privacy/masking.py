@@ -2,7 +2,7 @@
 
 Each pair of participants (a, b), a < b by name, derives a secret from X25519 (a's private key,
 b's public key from the ``SiteKeyDirectory``), and from it, with HKDF-SHA256 bound to the job,
-round, attempt and the exact participant list, a ChaCha20 key whose keystream is the pair's mask
+round, attempt and the exact participant list, an AES-256 key whose CTR keystream is the pair's mask
 m_ab in Z_2^32. Site a sends y_a = q_a + sum_{b > a} m_ab - sum_{b < a} m_ba (mod 2^32), where q_a
 is its update pre-scaled by its weight and quantised to fixed point. The masks cancel in
 sum_a y_a, so the server recovers sum_a q_a exactly, and nothing of a single site.
@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Protocol, runtime_checkable
@@ -34,7 +35,7 @@ from typing import Mapping, Protocol, runtime_checkable
 import numpy as np
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from clinfed.privacy.errors import KeyDirectoryError, MaskingError
@@ -45,7 +46,7 @@ from clinfed.privacy.errors import KeyDirectoryError, MaskingError
 MASK_CONTEXT_KEY = "clinfed_mask_context"
 # Result (site -> server): DXO meta describing the masked payload (see ``MaskedUpdate.meta``).
 MASKED_META_KEY = "clinfed_masked"
-MASK_PROTOCOL = "clinfed-pairwise-mask/1"
+MASK_PROTOCOL = "clinfed-pairwise-mask/1"  # X25519 + HKDF-SHA256 + AES-256-CTR, Z_2^32
 RING_BITS = 32
 _HALF_RING = 2**31
 _KEY_BYTES = 32
@@ -213,7 +214,7 @@ def layout_digest(layout: list[tuple[str, tuple[int, ...]]]) -> str:
 
 def pair_key(own_key: X25519PrivateKey, own_site: str, peer_public: bytes, peer_site: str,
              context: MaskContext) -> bytes:
-    """The 32-byte ChaCha20 key of the (own_site, peer_site) mask in ``context``; both sites get the same."""
+    """The 32-byte AES key of the (own_site, peer_site) mask in ``context``; both sites get the same."""
     shared = own_key.exchange(X25519PublicKey.from_public_bytes(peer_public))
     low, high = sorted((own_site, peer_site))
     info = json.dumps([MASK_PROTOCOL, context.context_id, low, high]).encode()
@@ -221,18 +222,37 @@ def pair_key(own_key: X25519PrivateKey, own_site: str, peer_public: bytes, peer_
                 info=info).derive(shared)
 
 
+_ZEROS = bytearray()
+_ZEROS_LOCK = threading.Lock()
+
+
+def _zero_bytes(nbytes: int) -> memoryview:
+    """A shared read-only run of zero bytes to encrypt (no 4-bytes-per-parameter allocation per mask)."""
+    global _ZEROS
+    with _ZEROS_LOCK:
+        if len(_ZEROS) < nbytes:
+            _ZEROS = bytearray(nbytes)
+        return memoryview(_ZEROS)[:nbytes]
+
+
 def expand_mask(key: bytes, size: int) -> np.ndarray:
-    """``size`` uniform uint32 values: the ChaCha20 keystream of ``key`` (each key is used for one mask)."""
-    encryptor = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
-    return np.frombuffer(encryptor.update(bytes(4 * size)), dtype="<u4").astype(np.uint32, copy=False)
+    """``size`` uniform uint32 values: the AES-256-CTR keystream of ``key`` (zero IV: every key is
+    derived for exactly one mask, so no counter block is ever reused)."""
+    buffer = bytearray(4 * size + 15)  # update_into wants room for a block's slack
+    encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    encryptor.update_into(_zero_bytes(4 * size), buffer)
+    return np.frombuffer(buffer, dtype="<u4", count=size)
 
 
 def quantise(flat: np.ndarray, weight: float, context: MaskContext) -> tuple[np.ndarray, int]:
     """Clip to [-c, c], pre-scale by ``weight`` and round to the ring. Returns (uint32, clipped count)."""
-    values = np.asarray(flat, dtype=np.float64)
+    values = np.array(flat, dtype=np.float64)  # a private copy, worked on in place
     clipped = int(np.count_nonzero(np.abs(values) > context.clip_range))
-    scaled = np.rint(np.clip(values, -context.clip_range, context.clip_range) * (float(weight) * context.scale))
-    return scaled.astype(np.int64).astype(np.int32).view(np.uint32), clipped
+    np.clip(values, -context.clip_range, context.clip_range, out=values)
+    values *= float(weight) * context.scale
+    np.rint(values, out=values)
+    # |values| <= 2^31 - 1 - N by the choice of scale, so int32 holds them exactly.
+    return values.astype(np.int32).view(np.uint32), clipped
 
 
 def dequantise_sum(total: np.ndarray, weight_sum: float, context: MaskContext) -> np.ndarray:
