@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO_OUT ?= demo_out
 
-.PHONY: demo test install install-test system-deps clean
+.PHONY: demo test test-fabric install install-test system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ demo: install
 
 test: install-test system-deps
 	$(BIN)/python -m pytest
+
+# The Fabric network tests: need the Fabric binaries from fabric_network/install.sh (see its README).
+test-fabric: install-test
+	bash fabric_network/install.sh >/dev/null
+	$(BIN)/python -m pytest -m fabric tests/fabric tests/ledger
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

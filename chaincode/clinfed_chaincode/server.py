@@ -15,6 +15,9 @@ library's handler otherwise unchanged:
   were data: here it raises, so the transaction fails instead of acting on an error string;
 * ``CORE_TLS_CLIENT_KEY_PATH``/``CORE_TLS_CLIENT_CERT_PATH`` are ignored: key and certificate are
   passed to the server explicitly;
+* concurrent transactions write to the peer stream at the same time, which gRPC aio refuses
+  (``GRPC_CALL_ERROR_TOO_MANY_OPERATIONS``) and the transaction then times out on the peer: here
+  writes are serialised;
 * ``start()`` calls ``asyncio.get_event_loop()``, which fails after an earlier ``asyncio.run()``:
   the server runs under ``asyncio.run`` here.
 """
@@ -77,6 +80,22 @@ class FixedHandler(Handler):
         await self.context.write(completed)
 
 
+class _SerialWrites:
+    """The stream's context with one write at a time: the library handles each peer message in its
+    own task, and gRPC aio refuses a second write while one is in flight
+    (``GRPC_CALL_ERROR_TOO_MANY_OPERATIONS``), which loses that transaction's reply."""
+
+    def __init__(self, context):
+        self._context, self._lock = context, asyncio.Lock()
+
+    async def write(self, message):
+        async with self._lock:
+            await self._context.write(message)
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+
 class ChaincodeService(chaincode_shim_pb2_grpc.ChaincodeServicer):
     def __init__(self, chaincode_id: str, chaincode):
         self._chaincode_id, self._chaincode = chaincode_id, chaincode
@@ -84,7 +103,7 @@ class ChaincodeService(chaincode_shim_pb2_grpc.ChaincodeServicer):
     async def Connect(self, request_iterator, context):
         handler = FixedHandler(self._chaincode_id, self._chaincode)
         try:
-            await handler.chat_with_peer(request_iterator, context)
+            await handler.chat_with_peer(request_iterator, _SerialWrites(context))
         except asyncio.CancelledError:
             log.info("peer stream closed")
 
@@ -96,6 +115,16 @@ def _pem(path: str | None) -> bytes | None:
         return handle.read()
 
 
+# Fabric peers ping their chaincode connection every 60 s (comm.DefaultKeepaliveOptions). gRPC's
+# C core allows a ping without data only every 5 min and sends GOAWAY "too_many_pings" after two
+# such strikes; that would drop an idle peer stream (preventive: not seen in our tests).
+_KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
 async def serve(chaincode_id: str, address: str, *, key: bytes | None = None, cert: bytes | None = None,
                 client_ca: bytes | None = None, on_ready=None, stop: asyncio.Event | None = None) -> None:
     """Serve the contract until ``stop`` is set (or the task is cancelled).
@@ -104,7 +133,7 @@ async def serve(chaincode_id: str, address: str, *, key: bytes | None = None, ce
     client certificates. Without key and cert it serves plaintext. ``on_ready(port)`` is called
     once it listens.
     """
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=_KEEPALIVE_OPTIONS)
     chaincode_shim_pb2_grpc.add_ChaincodeServicer_to_server(ChaincodeService(chaincode_id, new_chaincode()), server)
     if key and cert:
         credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,

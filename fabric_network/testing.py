@@ -1,0 +1,139 @@
+"""The Fabric network as test sessions use it: one network per test process, started on first use
+and stopped at exit, with a fresh chaincode namespace (a new chaincode definition on the same
+installed package) for every test that needs an empty ledger.
+
+A test that needs Fabric fails, with the build's or the network's own words, when the network
+cannot be brought up. ``CLINFED_FABRIC=off`` skips those tests explicitly (with that reason
+shown); it is ignored where ``CI`` is set, so CI always runs them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import sys
+import tempfile
+import threading
+import time
+
+from .network import DEFAULT_VERSION, FabricNetworkError, Network, install, installed_home
+
+OPT_OUT_ENV = "CLINFED_FABRIC"
+OBSERVER = "outsider"  # a channel member that is neither a site nor the coordinator: OutsiderMSP
+
+_lock = threading.Lock()
+_networks: dict = {}
+_names = itertools.count(1)
+
+
+def opted_out() -> str | None:
+    """The reason to skip Fabric tests, or None (never skipped under CI)."""
+    if os.environ.get(OPT_OUT_ENV, "").lower() in ("off", "0", "no", "false") and not os.environ.get("CI"):
+        return f"{OPT_OUT_ENV}=off: Fabric network tests skipped on request"
+    return None
+
+
+def fabric_home(version: str = DEFAULT_VERSION):
+    """The cached install, building it first when needed (minutes, once per machine)."""
+    home = installed_home(version)
+    if home is None:
+        started = time.monotonic()
+        print(f"\nfabric_network: building Fabric {version} binaries (cold; cached afterwards)...", file=sys.stderr)
+        home = install(version, quiet=True)
+        print(f"fabric_network: built in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    return home
+
+
+def start_network(consensus: str = "raft", **kwargs) -> Network:
+    """A new network in a temporary folder, stopped and deleted at interpreter exit at the latest."""
+    home = fabric_home()
+    root = tempfile.mkdtemp(prefix=f"clinfed-fabric-{consensus}-")
+    # The shared contract suite signs proposals dated 2001 to prove that record timestamps come
+    # from the transaction header; peers refuse proposals outside their time window (15 min by
+    # default), so test networks accept any date. Production networks keep the default.
+    kwargs.setdefault("auth_timewindow", "438000h")
+    net = Network.create(root, consensus=consensus, observers=[OBSERVER], **kwargs)
+    net.spec.fabric_home = str(home)
+    atexit.register(_down_quietly, net)
+    try:
+        net.up(log=lambda m: print(f"fabric_network ({consensus}): {m}", file=sys.stderr))
+    except BaseException:
+        _down_quietly(net, purge=False)  # keep the logs for the error message's reader
+        raise
+    return net
+
+
+def shared_network(consensus: str = "raft") -> Network:
+    """The one network of this process for ``consensus``; a failure to start is remembered and re-raised."""
+    with _lock:
+        known = _networks.get(consensus)
+        if isinstance(known, Network):
+            return known
+        if isinstance(known, FabricNetworkError):
+            raise FabricNetworkError(f"(as before) {known}")
+        try:
+            _networks[consensus] = start_network(consensus)
+        except FabricNetworkError as exc:
+            _networks[consensus] = exc
+            raise
+        return _networks[consensus]
+
+
+_ready: dict = {}  # network root -> chaincode names defined and initialised, not yet handed out
+POOL_BATCH = 12
+
+
+def fresh_chaincode(net: Network) -> str:
+    """A new, initialised chaincode namespace on ``net`` (same package, so the same contract).
+
+    Names are defined in batches through the Gateway (one block of approvals, one of commits,
+    one of InitConsortium), so a fresh namespace costs a fraction of a second per test."""
+    with _lock:
+        ready = _ready.setdefault(str(net.root), [])
+        if not ready:
+            names = [f"{net.spec.chaincode}-t{next(_names)}" for _ in range(POOL_BATCH)]
+            net.define_chaincodes(names)
+            net._parallel_bounded([lambda n=n: net.init_consortium(n) for n in names])
+            ready.extend(names)
+        return ready.pop(0)
+
+
+def fabric_opener():
+    """``open(msp_id, clock=None)`` for the shared ledger suite: clients of a fresh namespace."""
+    reason = opted_out()
+    if reason:
+        import pytest
+
+        pytest.skip(reason)
+    net = shared_network("raft")
+    name = fresh_chaincode(net)
+    opened: dict = {}
+
+    # Fabric confirms a commit on the gateway's own peer only; the suite reads one org's write
+    # through another org's client (and endorses the next write on other orgs' peers) at once,
+    # so its clients return from a write once every peer has committed it.
+    def open_as(msp_id: str, clock=None):
+        if clock is not None:
+            return net.ledger(msp_id, chaincode=name, synced=True, clock=clock)
+        if msp_id not in opened:
+            opened[msp_id] = net.ledger(msp_id, chaincode=name, synced=True)
+        return opened[msp_id]
+
+    return open_as
+
+
+def stop_shared(consensus: str) -> None:
+    """Stop and delete the shared network of ``consensus``, if one was started."""
+    with _lock:
+        known = _networks.pop(consensus, None)
+    if isinstance(known, Network):
+        _ready.pop(str(known.root), None)
+        _down_quietly(known)
+
+
+def _down_quietly(net: Network, purge: bool = True) -> None:
+    try:
+        net.down(purge=purge)
+    except Exception as exc:  # noqa: BLE001 - at exit, report and go on
+        print(f"fabric_network: stopping {net.root} failed: {exc}", file=sys.stderr)
