@@ -1,4 +1,4 @@
-"""The ``clinfed`` command line: ``data synth``, ``data check``, ``demo``.
+"""The ``clinfed`` command line: ``data synth``, ``data check``, ``demo``, ``consent sync``, ``audit ...``.
 
 Tables for people, ``--json`` for scripts; progress bars go to stderr so stdout stays parseable.
 """
@@ -101,6 +101,109 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _ledger_settings(args, participant: str):
+    """The ledger ``--ledger`` / ``--site-config`` / ``$CLINFED_LEDGER`` names, as ``participant``."""
+    from clinfed import audit
+
+    if args.ledger:
+        return audit.ledger_settings(participant, ledger=args.ledger)
+    if args.site_config:
+        if not args.site_config.is_file():
+            raise ClinfedError(f"{args.site_config}: site config not found")
+        settings = audit.site_config_ledger(participant, args.site_config)
+        if settings is None:
+            raise ClinfedError(f"{args.site_config}: has no 'ledger' section")
+        return settings
+    settings = audit.ledger_settings(participant)
+    if settings is None:
+        raise ClinfedError(f"no ledger given: use --ledger FILE (a LocalLedger .sqlite or a ledger .json), "
+                           f"--site-config local/{audit.SITE_CONFIG_FILE}, or set ${audit.LEDGER_ENV}")
+    return settings
+
+
+def _open_ledger(args, participant: str):
+    settings = _ledger_settings(args, participant)
+    if not args.json:
+        print(f"# {settings.describe()}", file=sys.stderr)
+    return settings.open(outbox=False)
+
+
+def cmd_consent_sync(args) -> int:
+    from clinfed import audit
+
+    site = args.site or args.site_dir.resolve().name
+    with _open_ledger(args, site) as ledger:
+        report = audit.sync_consents(args.site_dir, ledger, site, args.study, args.secret_file)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(f"{site}, study {report.study}: {report.published} consent(s) published, {report.unchanged} unchanged; "
+              f"now {report.active} active, {report.revoked} revoked; {report.no_consent} patient(s) without a "
+              f"consent for the study (not published)")
+        if report.missing_from_export:
+            print(f"warning: {report.missing_from_export} consent(s) on the ledger have no deciding Consent in the "
+                  f"export any more; they stay as recorded until the export revokes them")
+    return 0
+
+
+def cmd_audit_contributions(args) -> int:
+    from clinfed import audit
+
+    with _open_ledger(args, args.participant) as ledger:
+        rows = audit.contributions(ledger, args.job)
+    print(json.dumps(rows, indent=2) if args.json else audit.contributions_table(rows))
+    return 0
+
+
+def cmd_audit_models(args) -> int:
+    from clinfed import audit
+
+    with _open_ledger(args, args.participant) as ledger:
+        rows = audit.models(ledger, args.job)
+    print(json.dumps(rows, indent=2) if args.json else audit.models_table(rows))
+    return 0
+
+
+def cmd_audit_consents(args) -> int:
+    from clinfed import audit
+
+    with _open_ledger(args, args.participant) as ledger:
+        rows = audit.consents(ledger, args.study, site=args.site, pseudonym=args.pseudonym)
+    print(json.dumps(rows, indent=2) if args.json else audit.consents_table(rows))
+    return 0
+
+
+def cmd_audit_verify(args) -> int:
+    from clinfed import audit
+
+    with _open_ledger(args, args.participant) as ledger:
+        result = audit.verify(ledger, args.job, args.model, args.round)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else audit.verification_text(result))
+    return 0 if result.ok else 1
+
+
+def cmd_audit_watch(args) -> int:
+    import dataclasses
+
+    from clinfed import audit
+
+    with _open_ledger(args, args.participant) as ledger:
+        start = args.from_block
+        if start is None:  # live: from the next block on
+            height = getattr(ledger, "height", None)
+            start = height() + 1 if callable(height) else 0
+
+        def emit(event):
+            print(json.dumps(dataclasses.asdict(event), sort_keys=True) if args.json else audit.event_line(event),
+                  flush=True)
+
+        try:
+            audit.watch(ledger, start, follow=not args.no_follow, timeout=args.timeout, emit=emit)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
 def cmd_jobs_export(args) -> int:
     from clinfed.jobs.tumour_seg import export_jobs
 
@@ -134,10 +237,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="synthetic 3-site run: centralised vs local-only vs federated (FLARE SimEnv)")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for data, FLARE workspace, results")
-    demo.add_argument("--quick", action="store_true", help="small data and 3 rounds (about 2 minutes)")
+    demo.add_argument("--quick", action="store_true", help="small data and 3 rounds (under 3 minutes)")
     demo.add_argument("--rounds", type=_positive, help="override the number of federated rounds")
     demo.add_argument("--json", action="store_true", help="print results.json to stdout")
     demo.set_defaults(func=cmd_demo)
+
+    ledger_options = argparse.ArgumentParser(add_help=False)
+    ledger_options.add_argument("--ledger", type=Path,
+                                help="a LocalLedger .sqlite file or a ledger .json config (default $CLINFED_LEDGER)")
+    ledger_options.add_argument("--site-config", type=Path, metavar="FILE",
+                                help="a participant's local/clinfed_site.json whose 'ledger' section to use")
+    ledger_options.add_argument("--json", action="store_true", help="machine-readable output")
+
+    consent = sub.add_parser("consent", help="patient consents on the ledger").add_subparsers(
+        dest="consent_command", required=True)
+    sync = consent.add_parser("sync", parents=[ledger_options],
+                              help="publish a site's FHIR Consents (pseudonym, status, Consent hash) to the ledger")
+    sync.add_argument("site_dir", type=Path, metavar="SITE_DIR")
+    sync.add_argument("--site", help="the site's name in the consortium (default: SITE_DIR's folder name)")
+    sync.add_argument("--study", default=STUDY_ID)
+    sync.add_argument("--secret-file", type=Path, help="site pseudonymisation key (default SITE_DIR/site_secret.key)")
+    sync.set_defaults(func=cmd_consent_sync)
+
+    audit = sub.add_parser("audit", help="read the audit ledger").add_subparsers(dest="audit_command", required=True)
+    audit_options = argparse.ArgumentParser(add_help=False, parents=[ledger_options])
+    audit_options.add_argument("--as", dest="participant", default="coordinator", metavar="PARTICIPANT",
+                               help="whose identity reads the ledger: your site's name, or coordinator (default)")
+    contributions = audit.add_parser("contributions", parents=[audit_options],
+                                     help="each site's recorded update per round of a job")
+    contributions.add_argument("--job", required=True)
+    contributions.set_defaults(func=cmd_audit_contributions)
+    models = audit.add_parser("models", parents=[audit_options],
+                              help="the global model of each round of a job, its participants and absences")
+    models.add_argument("--job", required=True)
+    models.set_defaults(func=cmd_audit_models)
+    consents = audit.add_parser("consents", parents=[audit_options], help="consents recorded for a study")
+    consents.add_argument("--study", default=STUDY_ID)
+    consents.add_argument("--site", help="only this site's patients")
+    consents.add_argument("--pseudonym", help="the full history of this patient's consent")
+    consents.set_defaults(func=cmd_audit_consents)
+    verify = audit.add_parser("verify", parents=[audit_options],
+                              help="check a job's chain is complete and a model file is a recorded global model")
+    verify.add_argument("--job", required=True)
+    verify.add_argument("--model", type=Path, metavar="FILE", help="global model file as the server saved it")
+    verify.add_argument("--round", type=int, help="the round the model file should be (default: the one it matches)")
+    verify.set_defaults(func=cmd_audit_verify)
+    watch = audit.add_parser("watch", parents=[audit_options], help="print ledger events as they are committed")
+    watch.add_argument("--from-block", type=int, help="start at this block (default: the next one; 0: all history)")
+    watch.add_argument("--timeout", type=float, help="stop after this many seconds without an event")
+    watch.add_argument("--no-follow", action="store_true", help="print what is there and stop")
+    watch.set_defaults(func=cmd_audit_watch)
 
     jobs = sub.add_parser("jobs", help="FLARE job folders").add_subparsers(dest="jobs_command", required=True)
     export = jobs.add_parser("export", help="export the Python job definitions into job folders")

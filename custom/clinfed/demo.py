@@ -2,12 +2,19 @@
 
 All three arms train the same model with the same total epoch budget and are scored on the
 same evaluation set: the union of every site's validation split.
+
+The federated arm records to a LocalLedger in the output folder (``ledger.sqlite``): the sites'
+consents are published first (``consent sync``), the job records contributions, global models
+and absences, and the final model file is checked with ``audit verify``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import json
 import os
+import secrets
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clinfed import audit
 from clinfed.data.ingest import Case, ingest_site
 from clinfed.data.profiles import profile_for_site
 from clinfed.data.synth import synthesise
-from clinfed.jobs.tumour_seg import EXTRA_ALLOWED_CLASSES, TumourSegFedAvgRecipe
+from clinfed.jobs.tumour_seg import EXTRA_ALLOWED_CLASSES, FEDAVG_JOB_NAME, TumourSegFedAvgRecipe
 from clinfed.training import (
     TrainConfig,
     evaluate,
@@ -33,6 +41,7 @@ from clinfed.widgets.round_log import ROUND_LOG_FILE
 
 # Cross-site evaluation names the server's final global model by its file.
 SERVER_MODEL_KEY = "SRV_FL_global_model.pt"
+LEDGER_FILE = "ledger.sqlite"
 
 
 @dataclass(frozen=True)
@@ -84,21 +93,84 @@ def allow_list_for_simulation(workspace_root: Path, job_name: str) -> None:
     (local / "resources.json").write_text(json.dumps({"format_version": 2, "class_allow_list": allowed}, indent=2))
 
 
-def run_federated(data_dir: Path, workspace_root: Path, config: DemoConfig) -> Path:
-    """Run the FedAvg job in FLARE's SimEnv, one simulated client per site; returns the server run dir."""
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Set environment variables for the simulated participants (child processes), then restore."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def prepare_ledger(ledger_path: Path, data_dir: Path, sites: list[str], log=print) -> int:
+    """Initialise the consortium on a LocalLedger file and publish every site's consents, each as
+    its own site (``consent sync``); returns how many consents the ledger holds for the sites."""
+    from clinfed.data.profiles import STUDY_ID
+
+    audit.init_consortium(ledger_path, sites)
+    held = 0
+    for site in sites:
+        settings = audit.ledger_settings(site, ledger=ledger_path)
+        with settings.open(outbox=False) as ledger:
+            synced = audit.sync_consents(data_dir / site, ledger, site)
+            held += synced.active + synced.revoked
+        log(f"{site}: consents on the ledger for study {STUDY_ID}: {synced.active} active, {synced.revoked} revoked "
+            f"({synced.published} published now)")
+    return held
+
+
+def new_job_id(name: str) -> str:
+    """A ledger job ID for a simulator run (FLARE's own is ``simulate_job`` for every run)."""
+    return f"{name}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def run_federated(data_dir: Path, workspace_root: Path, config: DemoConfig, ledger_path: Path | None = None,
+                  job_id: str | None = None, recipe: TumourSegFedAvgRecipe | None = None) -> Path:
+    """Run the FedAvg job in FLARE's SimEnv, one simulated client per site; returns the server run dir.
+
+    Every participant records to the LocalLedger ``ledger_path`` (default ``ledger.sqlite`` in
+    ``workspace_root``, prepared here) under ``job_id`` (default: a fresh one).
+    """
     from nvflare.recipe.sim_env import SimEnv
 
-    recipe = TumourSegFedAvgRecipe(min_clients=config.sites, num_rounds=config.rounds,
-                                   local_epochs=config.local_epochs, batch_size=config.batch_size,
-                                   lr=config.lr, roi=config.roi)
+    recipe = recipe or TumourSegFedAvgRecipe(min_clients=config.sites, num_rounds=config.rounds,
+                                             local_epochs=config.local_epochs, batch_size=config.batch_size,
+                                             lr=config.lr, roi=config.roi)
     allow_list_for_simulation(workspace_root, recipe.name)
+    if ledger_path is None:
+        ledger_path = Path(workspace_root) / LEDGER_FILE
+        prepare_ledger(ledger_path, data_dir, site_names(config), log=lambda message: None)
     os.environ["CLINFED_DATA_ROOT"] = str(data_dir.resolve())
     # The simulated clients are processes sharing our cores: one thread each avoids thrashing.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     env = SimEnv(clients=site_names(config), num_threads=config.sites, workspace_root=str(workspace_root))
-    run = recipe.execute(env)
-    run.get_result()
+    with _environment(**{audit.LEDGER_ENV: str(Path(ledger_path).resolve()),
+                         audit.JOB_ID_ENV: job_id or new_job_id(recipe.name)}):
+        run = recipe.execute(env)
+        run.get_result()
+        # Participants flush their outboxes at the end of the run; deliver anything left (none
+        # normally) before the ledger is read.
+        for participant in site_names(config) + [audit.COORDINATOR]:
+            audit.ledger_settings(participant, ledger=ledger_path).open().close()
     return Path(workspace_root) / recipe.name / "server" / "simulate_job"
+
+
+def verify_on_ledger(ledger_path: Path, job_id: str, model_file: Path, consents: int, log=print) -> dict:
+    """``audit verify`` of the run's final model, printed, and the ``results.json`` summary."""
+    with audit.ledger_settings(audit.COORDINATOR, ledger=ledger_path).open(outbox=False) as ledger:
+        result = audit.verify(ledger, job_id, model_file)
+    log(f"$ clinfed audit verify --ledger {ledger_path} --job {job_id} --model {model_file}")
+    log(audit.verification_text(result))
+    return {"backend": "local", "path": str(ledger_path), "job_id": job_id, "records": result.job.records,
+            "consents": consents, "verified": result.ok, "rounds": result.job.rounds,
+            "model_sha256": result.model_sha256, "model_round": result.job.model_round,
+            "problems": list(result.job.problems)}
 
 
 def read_federated_results(server_run_dir: Path, evaluation: list[Case], config: DemoConfig) -> tuple[dict, dict]:
@@ -165,11 +237,16 @@ def run_demo(out_dir: Path, config: DemoConfig, log=print) -> dict:
         local[name] = _train_and_score(train_by_site[name], evaluation, config)
     timings["local_seconds"] = time.perf_counter() - started
 
-    log(f"running federated FedAvg in FLARE SimEnv ({config.rounds} rounds)")
+    log(f"running federated FedAvg in FLARE SimEnv ({config.rounds} rounds), recording to the local ledger")
     started = time.perf_counter()
-    server_run_dir = run_federated(data_dir, out_dir / "flare_workspace", config)
+    ledger_path = out_dir / LEDGER_FILE
+    consents = prepare_ledger(ledger_path, data_dir, names, log=log)
+    job_id = new_job_id(FEDAVG_JOB_NAME)
+    server_run_dir = run_federated(data_dir, out_dir / "flare_workspace", config, ledger_path=ledger_path,
+                                   job_id=job_id)
     federated, cross_site = read_federated_results(server_run_dir, evaluation, config)
     timings["federated_seconds"] = time.perf_counter() - started
+    ledger = verify_on_ledger(ledger_path, job_id, Path(federated["model_file"]), consents, log=log)
 
     results = {
         "config": {**asdict(config), "sites": names, "evaluation_set": "union of the sites' validation splits",
@@ -180,6 +257,7 @@ def run_demo(out_dir: Path, config: DemoConfig, log=print) -> dict:
         "local": local,
         "federated": federated,
         "cross_site": cross_site,
+        "ledger": ledger,
         "timings": timings,
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -233,4 +311,9 @@ def results_table(results: dict) -> str:
     lines.append("")
     lines.append("federated Dice per round: " + ", ".join(
         f"r{r['round']}={fmt(r['dice']).strip()}" for r in results["federated"]["per_round"]))
+    ledger = results.get("ledger")
+    if ledger:
+        lines.append(f"ledger ({ledger['backend']}, {ledger['path']}): job {ledger['job_id']}, {ledger['records']} "
+                     f"records, {ledger['consents']} consents, final model "
+                     f"{'VERIFIED' if ledger['verified'] else 'NOT VERIFIED'}")
     return "\n".join(lines)

@@ -1,8 +1,16 @@
 """The site's FLARE executor: trains the fusion model on the site's own consented cohort.
 
 Site data come from the site, never from the job: ``local/clinfed_site.json`` in the site's
-workspace (``{"data_dir": ..., "secret_file": ...}``), or, for simulator runs,
-``$CLINFED_DATA_ROOT/<site name>``.
+workspace (``{"data_dir": ..., "secret_file": ..., "ledger": {...}}``), or, for simulator runs,
+``$CLINFED_DATA_ROOT/<site name>`` (and ``$CLINFED_LEDGER``, see :mod:`clinfed.audit`).
+
+Consent gate: the site ingests its data once, then at every round trains (and validates) only on
+the patients whose consent for the study is ``active`` *on the ledger* at that moment, as
+published by ``clinfed consent sync``; a patient with no consent record there is not used. A
+revocation committed between rounds takes effect at the next round. Each round's cohort goes to
+the site log as counts and to ``clinfed_cohort.jsonl`` in the site's run folder as pseudonyms
+(one JSON line per task: round, train and validation pseudonyms, exclusions by reason); the
+counts travel with the update and are recorded in the contribution's metrics.
 """
 
 from __future__ import annotations
@@ -13,20 +21,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_constant import FLMetaKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
-from clinfed.data.ingest import ingest_site
+from clinfed.data.ingest import Case, ingest_site
 from clinfed.data.profiles import STUDY_ID
 from clinfed.data.pseudonym import Pseudonymiser
 from clinfed.errors import ConfigError
+from clinfed.filters.contribution_record import COHORT_META, ROUND_META
 from clinfed.training import (
     TrainConfig,
     device_for_training,
@@ -42,6 +50,9 @@ from clinfed.training import (
 
 SITE_CONFIG_FILE = "clinfed_site.json"
 DATA_ROOT_ENV = "CLINFED_DATA_ROOT"
+COHORT_LOG_FILE = "clinfed_cohort.jsonl"
+REVOKED_ON_LEDGER = "consent revoked on ledger"
+NOT_ON_LEDGER = "no consent on ledger"
 
 
 class SegExecutor(Executor):
@@ -53,27 +64,49 @@ class SegExecutor(Executor):
         batch_size: volumes per step.
         lr: Adam learning rate (optimiser state is reset each round, as in FedAvg).
         roi: volume size the model sees (X, Y, Z); each side divisible by 16.
+        ledger_consent: gate the cohort on consents recorded on the ledger (the site's ledger
+            config is then required). Off, only the consents in the site's own FHIR export count;
+            that is for runs without a ledger, never for a consortium.
     """
 
     def __init__(self, study: str = STUDY_ID, local_epochs: int = 2, batch_size: int = 2, lr: float = 5e-3,
-                 roi: list[int] | tuple[int, int, int] = (32, 32, 16)):
+                 roi: list[int] | tuple[int, int, int] = (32, 32, 16), ledger_consent: bool = True):
         super().__init__()
         if local_epochs < 1 or batch_size < 1 or lr <= 0:
             raise ValueError("local_epochs and batch_size must be >= 1 and lr > 0")
         if len(roi) != 3 or any(int(s) % 16 for s in roi):
             raise ValueError(f"roi must be three sizes divisible by 16, got {roi}")
         self.study = study
-        self.config = TrainConfig(epochs=local_epochs, batch_size=batch_size, lr=lr,
-                                  roi=tuple(int(s) for s in roi))
+        # Kept under their argument names: FLARE's job export reads them back from the instance,
+        # and silently leaves out any argument it cannot find there.
+        self.local_epochs, self.batch_size, self.lr = int(local_epochs), int(batch_size), float(lr)
+        self.roi = tuple(int(s) for s in roi)
+        self.config = TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, roi=self.roi)
+        self.ledger_consent = bool(ledger_consent)
         self.device = device_for_training()
         self.model = None
         self.train_loader = None
         self.val_loader = None
         self.n_train = 0
+        self.n_val = 0
+        self._ingested: tuple[list[Case], list[Case]] = ([], [])
+        self._cohort_key = None
+        self._cohort_stats: dict = {}
+        self._ledger_settings = None
+        self._cohort_log: Path | None = None
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
-            self._load_cohort(fl_ctx)
+            try:
+                self._load_cohort(fl_ctx)
+            except Exception as err:  # a site that cannot train must stop the run, not limp on
+                self.system_panic(f"site {fl_ctx.get_identity_name()}: {err}", fl_ctx)
+        elif event_type == EventType.END_RUN and self._ledger_settings is not None:
+            from clinfed.audit import release_shared_ledger
+
+            remaining = release_shared_ledger(self._ledger_settings)
+            if remaining:
+                self.log_warning(fl_ctx, f"{remaining} ledger write(s) stay queued in the outbox for the next run")
 
     def _site_data(self, fl_ctx: FLContext) -> tuple[Path, Path | None]:
         site = fl_ctx.get_identity_name()
@@ -90,19 +123,75 @@ class SegExecutor(Executor):
                           f"tell clinfed where this site's data lives")
 
     def _load_cohort(self, fl_ctx: FLContext) -> None:
+        site = fl_ctx.get_identity_name()
+        if self.ledger_consent:
+            from clinfed.audit import ledger_settings
+
+            workspace = fl_ctx.get_engine().get_workspace()
+            self._ledger_settings = ledger_settings(site, site_config_dir=workspace.get_site_config_dir())
+            if self._ledger_settings is None:
+                raise ConfigError(f"site {site}: the consent gate reads consents from the ledger, and none is "
+                                  f"configured ('ledger' in local/{SITE_CONFIG_FILE} or $CLINFED_LEDGER)")
+            self.log_info(fl_ctx, f"consents are read from the {self._ledger_settings.describe()}")
         data_dir, secret_file = self._site_data(fl_ctx)
         ingestion = ingest_site(data_dir, self.study, Pseudonymiser.for_site(data_dir, secret_file))
         train, val = split_cases(ingestion.cases)
         report = ingestion.report()
         # Counts and reasons only: the cohort log carries pseudonyms at most, never patient data.
-        self.log_info(fl_ctx, f"cohort for study {self.study}: {len(train)} train, {len(val)} validation, "
+        self.log_info(fl_ctx, f"ingested for study {self.study}: {len(train)} train, {len(val)} validation, "
                               f"excluded {report['excluded_by_reason']}")
         if not train:
             raise ConfigError(f"{data_dir}: no usable patients for study {self.study}")
-        self.n_train = len(train)
-        self.train_loader = make_loader(train, self.config, train=True)
-        self.val_loader = make_loader(val, self.config, train=False) if val else None
+        self._ingested = (train, val)
+        run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
+        self._cohort_log = Path(run_dir) / COHORT_LOG_FILE
         self.model = new_model().to(self.device)
+
+    def _consented(self, fl_ctx: FLContext) -> tuple[set[str] | None, set[str]]:
+        """Pseudonyms with active and with revoked consent on the ledger (None: gate off)."""
+        if not self.ledger_consent:
+            return None, set()
+        from clinfed.audit import shared_ledger
+
+        ledger = shared_ledger(self._ledger_settings)
+        records = ledger.consents(self.study, site=fl_ctx.get_identity_name())
+        return {c.pseudonym for c in records if c.active}, {c.pseudonym for c in records if not c.active}
+
+    def _gate(self, fl_ctx: FLContext, round_, task: str) -> None:
+        """Re-check consent on the ledger and (re)build the loaders of the patients who may be used."""
+        train_all, val_all = self._ingested
+        active, revoked = self._consented(fl_ctx)
+        if active is None:
+            train, val, excluded = train_all, val_all, {}
+        else:
+            train = [c for c in train_all if c.pseudonym in active]
+            val = [c for c in val_all if c.pseudonym in active]
+            excluded = {}
+            for case in train_all + val_all:
+                if case.pseudonym not in active:
+                    reason = REVOKED_ON_LEDGER if case.pseudonym in revoked else NOT_ON_LEDGER
+                    excluded.setdefault(reason, []).append(case.pseudonym)
+        n_excluded = sum(len(v) for v in excluded.values())
+        key = (tuple(c.pseudonym for c in train), tuple(c.pseudonym for c in val))
+        if key != self._cohort_key:
+            self.train_loader = make_loader(train, self.config, train=True) if train else None
+            self.val_loader = make_loader(val, self.config, train=False) if val else None
+            self._cohort_key = key
+        self.n_train, self.n_val = len(train), len(val)
+        self._cohort_stats = {"n_train": len(train), "n_validation": len(val), "n_excluded": n_excluded}
+        reasons = ", ".join(f"{r}: {len(p)}" for r, p in sorted(excluded.items()))
+        self.log_info(fl_ctx, f"round {round_} {task}: consent gate for study {self.study}: {len(train)} train, "
+                              f"{len(val)} validation, {n_excluded} excluded" + (f" ({reasons})" if reasons else ""))
+        line = {"round": round_, "task": task, "study": self.study, "consent_source": (
+                    "ledger" if active is not None else "fhir"), "train": sorted(key[0]),
+                "validation": sorted(key[1]), "excluded": {r: sorted(p) for r, p in excluded.items()},
+                **self._cohort_stats}
+        if self._cohort_log is not None:
+            with self._cohort_log.open("a") as log:
+                log.write(json.dumps(line, sort_keys=True) + "\n")
+        if task == AppConstants.TASK_TRAIN and not train:
+            raise ConfigError(f"site {fl_ctx.get_identity_name()}: round {round_}: no patient has active consent "
+                              f"for study {self.study} on the ledger; run `clinfed consent sync` for this site")
 
     def _validate(self) -> dict:
         if self.val_loader is None:
@@ -128,29 +217,40 @@ class SegExecutor(Executor):
         incoming = from_shareable(shareable)
         if incoming.data_kind != DataKind.WEIGHTS:
             return make_reply(ReturnCode.BAD_TASK_DATA)
+        current_round = shareable.get_header(AppConstants.CURRENT_ROUND)
+        self._gate(fl_ctx, current_round, AppConstants.TASK_TRAIN)
         global_weights = {k: np.asarray(v) for k, v in incoming.data.items()}
         load_numpy_state(self.model, global_weights)
         # Metrics of the model as received: the server selects the best global model with them.
+        started = time.perf_counter()
         received_metrics = self._validate()
+        validate_seconds = time.perf_counter() - started
         started = time.perf_counter()
         stats = train_epochs(self.model, self.train_loader, self.config, should_abort=lambda: abort_signal.triggered)
         if stats["aborted"] or abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
         local = state_to_numpy(self.model)
         diff = {k: local[k] - global_weights[k] for k in global_weights}
-        current_round = shareable.get_header(AppConstants.CURRENT_ROUND)
         self.log_info(fl_ctx, f"round {current_round}: trained {stats['steps']} steps in "
                               f"{time.perf_counter() - started:.1f}s, loss {stats['loss']:.4f}, "
                               f"received model {received_metrics}")
         meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: self.n_train, MetaKey.INITIAL_METRICS: received_metrics,
                 "n_samples": self.n_train, "train_loss": stats["loss"],
-                "train_seconds": time.perf_counter() - started}
-        return DXO(DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
+                "train_seconds": time.perf_counter() - started, "validate_seconds": validate_seconds,
+                ROUND_META: current_round,
+                COHORT_META: dict(self._cohort_stats)}
+        result = DXO(DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
+        # Result filters (DP accounting, the contribution record) need the round; the aggregator
+        # tells updates apart by site name, which FLARE puts in the model's meta from this header.
+        result.set_header(AppConstants.CURRENT_ROUND, current_round)
+        result.set_header(FLMetaKey.SITE_NAME, fl_ctx.get_identity_name())
+        return result
 
     def _validate_task(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         incoming = from_shareable(shareable)
         if incoming.data_kind != DataKind.WEIGHTS:
             return make_reply(ReturnCode.BAD_TASK_DATA)
+        self._gate(fl_ctx, shareable.get_header(AppConstants.CURRENT_ROUND), AppConstants.TASK_VALIDATION)
         trained = state_to_numpy(self.model)
         load_numpy_state(self.model, incoming.data)
         metrics = self._validate()
