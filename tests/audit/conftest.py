@@ -4,6 +4,7 @@ revoking Consent and ``consent sync`` publishes it, while the job is running."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ from clinfed.demo import DemoConfig, new_job_id, prepare_ledger, run_federated
 from clinfed.jobs.tumour_seg import TumourSegFedAvgRecipe
 
 CONFIG = DemoConfig(sites=2, patients=10, shape=(32, 32, 16), seed=3, rounds=2, local_epochs=2)
+# Fixed pseudonymisation keys (normally random secrets) fix the train/validation split: with this
+# seed each site validates on two patients, so every round has a key metric and a best model.
+SITE_KEYS = {"site-1": "clinfed-e2e-site-1-1", "site-2": "clinfed-e2e-site-2-0"}
 
 
 @dataclass
@@ -65,6 +69,9 @@ def _revoke_between_rounds(run: RecordedRun, stop: threading.Event) -> None:
 def recorded_run(tmp_path_factory) -> RecordedRun:
     root = tmp_path_factory.mktemp("audit_run")
     data_dir = root / "data"
+    for site, seed in SITE_KEYS.items():
+        (data_dir / site).mkdir(parents=True)
+        (data_dir / site / "site_secret.key").write_text(hashlib.sha256(seed.encode()).hexdigest() + "\n")
     synthesise(data_dir, CONFIG.sites, CONFIG.patients, CONFIG.shape, CONFIG.seed)
     ledger_path = root / "ledger.sqlite"
     prepare_ledger(ledger_path, data_dir, SITES, log=lambda message: None)
