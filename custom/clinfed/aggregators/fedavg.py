@@ -8,6 +8,19 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 
 
+def weighted_site_metrics(site_metrics: dict[str, dict]) -> dict | None:
+    """Sites' metrics of the model they received, averaged weighted by their validation size."""
+    totals: dict[str, list[float]] = {}
+    for metrics in site_metrics.values():
+        n = float(metrics.get("n_val") or 0)
+        for key in ("dice", "auc"):
+            if metrics.get(key) is not None and n > 0:
+                totals.setdefault(key, [0.0, 0.0])
+                totals[key][0] += metrics[key] * n
+                totals[key][1] += n
+    return {key: s / n for key, (s, n) in totals.items()} or None
+
+
 class WeightedFedAvg(ModelAggregator):
     """Average of the sites' updates weighted by their ``n_samples``.
 
@@ -57,20 +70,9 @@ class WeightedFedAvg(ModelAggregator):
             raise RuntimeError("no valid update was received this round")
         params = {name: (total / self._weight).astype(np.float32) for name, total in self._sum.items()}
         result = FLModel(params_type=self._params_type or ParamsType.DIFF, params=params,
-                         metrics=self._weighted_metrics(),
+                         metrics=weighted_site_metrics(self._site_metrics),
                          meta={"site_metrics": self._site_metrics, "site_samples": self._site_samples,
                                "site_seconds": self._site_seconds,
                                "aggregation": "weighted_fedavg"})
         self.reset_stats()
         return result
-
-    def _weighted_metrics(self) -> dict | None:
-        totals: dict[str, list[float]] = {}
-        for metrics in self._site_metrics.values():
-            n = float(metrics.get("n_val") or 0)
-            for key in ("dice", "auc"):
-                if metrics.get(key) is not None and n > 0:
-                    totals.setdefault(key, [0.0, 0.0])
-                    totals[key][0] += metrics[key] * n
-                    totals[key][1] += n
-        return {key: s / n for key, (s, n) in totals.items()} or None

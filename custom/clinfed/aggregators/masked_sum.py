@@ -38,6 +38,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.workflows.fedavg import FedAvg
 
+from clinfed.aggregators.fedavg import weighted_site_metrics
 from clinfed.privacy.errors import MaskedRoundIncomplete, MaskingError, MaskRangeExceeded
 from clinfed.privacy.masking import (
     MASK_CONTEXT_KEY,
@@ -153,25 +154,13 @@ class MaskedSumAggregator(ModelAggregator):
         params = {name: dequantise_sum(total, weight_sum, context).astype(np.float32)
                   for name, total in self._sum.items()}
         params_type = ParamsType.DIFF if self._info.get("data_kind") == "WEIGHT_DIFF" else ParamsType.FULL
-        result = FLModel(params_type=params_type, params=params, metrics=self._weighted_metrics(),
+        result = FLModel(params_type=params_type, params=params, metrics=weighted_site_metrics(self._site_metrics),
                          meta={"aggregation": "masked_sum", "participants": received,
                                "site_samples": dict(self._weights), "site_metrics": self._site_metrics,
                                "site_privacy": self._site_privacy, "mask_round": context.round,
                                "mask_attempt": context.attempt})
         self.reset_stats()
         return result
-
-    def _weighted_metrics(self) -> dict | None:
-        # Same rule as WeightedFedAvg: sites' metrics on the received model, weighted by n_val.
-        totals: dict[str, list[float]] = {}
-        for metrics in self._site_metrics.values():
-            n = float(metrics.get("n_val") or 0)
-            for key in ("dice", "auc"):
-                if metrics.get(key) is not None and n > 0:
-                    totals.setdefault(key, [0.0, 0.0])
-                    totals[key][0] += metrics[key] * n
-                    totals[key][1] += n
-        return {key: s / n for key, (s, n) in totals.items()} or None
 
 
 class MaskedFedAvg(FedAvg):
