@@ -3,15 +3,13 @@ and stopped at exit, with a fresh chaincode namespace (a new chaincode definitio
 installed package) for every test that needs an empty ledger.
 
 A test that needs Fabric fails, with the build's or the network's own words, when the network
-cannot be brought up. ``CLINFED_FABRIC=off`` skips those tests explicitly (with that reason
-shown); it is ignored where ``CI`` is set, so CI always runs them.
+cannot be brought up. These tests carry the pytest marker ``fabric`` (``make test-fabric``).
 """
 
 from __future__ import annotations
 
 import atexit
 import itertools
-import os
 import sys
 import tempfile
 import threading
@@ -19,19 +17,11 @@ import time
 
 from .network import DEFAULT_VERSION, FabricNetworkError, Network, install, installed_home
 
-OPT_OUT_ENV = "CLINFED_FABRIC"
 OBSERVER = "outsider"  # a channel member that is neither a site nor the coordinator: OutsiderMSP
 
 _lock = threading.Lock()
 _networks: dict = {}
 _names = itertools.count(1)
-
-
-def opted_out() -> str | None:
-    """The reason to skip Fabric tests, or None (never skipped under CI)."""
-    if os.environ.get(OPT_OUT_ENV, "").lower() in ("off", "0", "no", "false") and not os.environ.get("CI"):
-        return f"{OPT_OUT_ENV}=off: Fabric network tests skipped on request"
-    return None
 
 
 def fabric_home(version: str = DEFAULT_VERSION):
@@ -101,11 +91,6 @@ def fresh_chaincode(net: Network) -> str:
 
 def fabric_opener():
     """``open(msp_id, clock=None)`` for the shared ledger suite: clients of a fresh namespace."""
-    reason = opted_out()
-    if reason:
-        import pytest
-
-        pytest.skip(reason)
     net = shared_network("raft")
     name = fresh_chaincode(net)
     opened: dict = {}

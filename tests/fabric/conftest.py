@@ -1,6 +1,6 @@
 """A real Fabric network for the tests in this folder: started once per session from the cached
 binaries (built on first use), stopped at the end. If it cannot be started the tests fail with
-the reason; ``CLINFED_FABRIC=off`` skips them explicitly, except under CI."""
+the reason."""
 
 from __future__ import annotations
 
@@ -26,9 +26,6 @@ def pytest_collection_modifyitems(items):
 
 
 def _network(consensus: str):
-    reason = testing.opted_out()
-    if reason:
-        pytest.skip(reason)
     try:
         return testing.shared_network(consensus)
     except FabricNetworkError as exc:
