@@ -9,6 +9,7 @@ transaction on either, and :class:`~clinfed.ledger.outbox.OutboxLedger` wraps ei
 from __future__ import annotations
 
 import base64
+from abc import ABC, abstractmethod
 import json
 from typing import Iterator, Mapping, Protocol, runtime_checkable
 
@@ -63,7 +64,7 @@ class Ledger(Protocol):
     def close(self) -> None: ...
 
 
-class ContractLedger:
+class ContractLedger(ABC):
     """The typed API on top of two primitives a backend provides: ``submit`` and ``evaluate``.
 
     ``submit(function, *args)`` commits a write transaction and returns the contract's result
@@ -73,15 +74,18 @@ class ContractLedger:
 
     msp_id: str
 
+    @abstractmethod
     def submit(self, function: str, *args: str) -> str:
-        raise NotImplementedError
+        """Commit a write transaction; the contract's result string."""
 
+    @abstractmethod
     def evaluate(self, function: str, *args: str) -> str:
-        raise NotImplementedError
+        """Run a query without committing."""
 
+    @abstractmethod
     def events(self, start_block: int = 0, follow: bool = False,
                timeout: float | None = None) -> Iterator[LedgerEvent]:
-        raise NotImplementedError
+        """Chaincode events from ``start_block`` on."""
 
     def close(self) -> None:
         pass
