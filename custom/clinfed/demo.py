@@ -53,7 +53,7 @@ class DemoConfig:
     rounds: int = 8
     local_epochs: int = 2
     batch_size: int = 2
-    lr: float = 2e-3  # averaging CT and MR sites (opposite lesion contrast) is unstable at 5e-3
+    lr: float = 2e-3
     roi: tuple[int, int, int] = (32, 32, 16)
 
     @classmethod

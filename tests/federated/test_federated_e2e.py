@@ -8,11 +8,8 @@ import pytest
 from clinfed.demo import LEDGER_FILE, SERVER_MODEL_KEY, DemoConfig, run_demo
 from clinfed.ledger import LocalLedger
 
-# Three sites: with every site's update averaged each round, a CT site and an MR site alone (their
-# lesions have opposite contrast) pull the average back to predicting background for many rounds,
-# while each learns its own site well; a second CT site, as in the demo, lets the average learn.
-# Four rounds of two epochs at lr 2e-3: from some random initial models the average needs three
-# rounds before it starts to learn.
+# Three tiny non-IID sites (two CT scanners, one T1 MR; different scale, noise, spacing and lesion
+# size), four rounds of two epochs at lr 2e-3.
 TINY = DemoConfig(sites=3, patients=10, shape=(32, 32, 16), seed=3, rounds=4, local_epochs=2, lr=2e-3)
 SITES = ["site-1", "site-2", "site-3"]
 # A site's pseudonymisation key is a random secret, and the train/validation split goes by keyed
@@ -52,8 +49,7 @@ def test_global_model_improves_on_the_initial_one(demo_run):
     _, results = demo_run
     federated = results["federated"]
     assert federated["initial_dice"] is not None
-    # Averaged over three tiny non-IID sites the global model still swings between rounds (it can
-    # learn and then fall back to predicting background); the job keeps its best global model
+    # On tiny data the average can still dip for a round; the job keeps its best global model
     # (best_FL_global_model.pt, by validation Dice), and that one must beat the initial model.
     best = max(r["dice"] for r in federated["per_round"] if r["dice"] is not None)
     assert best > federated["initial_dice"] + 0.05, federated

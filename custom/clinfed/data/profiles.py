@@ -48,7 +48,8 @@ SITE_PROFILES: tuple[SiteProfile, ...] = (
     ),
     SiteProfile(
         name="site-2", modality="MR", manufacturer="Philips", spacing_mm=(1.0, 1.0, 1.0),
-        background=200.0, organ=450.0, lesion_contrast=300.0, noise_std=40.0,
+        # T1-weighted: the lesion is hypointense, as on the CT sites, but on another scale and noise.
+        background=100.0, organ=450.0, lesion_contrast=-170.0, noise_std=40.0,
         lesion_radius_frac=(0.12, 0.22), lesion_count=(1, 3), high_grade_bias=0.6,
         glucose_unit="mmol/L", creatinine_unit="umol/L", diagnosis_system="icd10",
     ),
