@@ -1,0 +1,229 @@
+"""``clinfed consortium provision``: FLARE startup kits and every participant's ``local/`` policy
+from the one consortium definition.
+
+Output folder layout::
+
+    DIR/consortium.yml        the definition provisioned (a copy)
+    DIR/project.yml           the FLARE project file generated from it (api_version 3)
+    DIR/workspace/            what `nvflare provision` wrote (state/ holds the root CA)
+    DIR/kits/<participant>/   the startup kits (a link to workspace/<name>/prod_NN/<participant>)
+    DIR/server-storage/       the server's job store and snapshots (not /tmp/nvflare)
+    DIR/ledger/ledger.sqlite  the consortium's LocalLedger (backend local)
+    DIR/fabric/fabric_orgs.json, DIR/fabric/flare_to_fabric.json
+    DIR/site_keys.json        the sites' masking public keys (also in every site's local/)
+    DIR/provisioning.json     what was made where, read by `consortium up|down|status`
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from clinfed.audit import COORDINATOR, COORDINATOR_MSP, SITE_CONFIG_FILE
+from clinfed.errors import ConfigError
+
+from . import local_files
+from .definition import Consortium, load_consortium
+
+STATE_FILE = "provisioning.json"
+LEDGER_FILE = "ledger.sqlite"
+BUILDERS = [
+    {"path": "nvflare.lighter.impl.workspace.WorkspaceBuilder",
+     "args": {"template_file": ["master_template.yml", "aws_template.yml", "azure_template.yml"]}},
+    {"path": "nvflare.lighter.impl.static_file.StaticFileBuilder", "args": {"config_folder": "config"}},
+    {"path": "nvflare.lighter.impl.cert.CertBuilder"},
+    {"path": "nvflare.lighter.impl.signature.SignatureBuilder"},
+]
+
+
+class ProvisionError(ConfigError):
+    """Provisioning could not be completed (the message says which step and why)."""
+
+
+def project_yml(consortium: Consortium) -> dict:
+    """The FLARE project file (api_version 3) for the consortium."""
+    c = consortium.coordinator
+    server = {"name": c.name, "type": "server", "org": c.org, "fed_learn_port": c.fed_learn_port,
+              "default_host": c.host}
+    if c.admin_port != c.fed_learn_port:
+        server["admin_port"] = c.admin_port
+    participants = [server]
+    participants += [{"name": s.name, "type": "client", "org": s.org} for s in consortium.sites]
+    participants += [{"name": a.name, "type": "admin", "org": a.org, "role": a.role} for a in consortium.admins]
+    return {"api_version": 3, "name": consortium.name,
+            "description": f"clinfed consortium {consortium.name}, study {consortium.study}",
+            "participants": participants, "builders": BUILDERS}
+
+
+def nvflare_command() -> list[str]:
+    """The ``nvflare`` of this environment (the venv's, beside our interpreter)."""
+    beside = Path(sys.executable).parent / "nvflare"
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("nvflare")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "nvflare.cli"]
+
+
+def tool_env() -> dict:
+    """Environment for FLARE tools and start scripts: this interpreter's bin first on PATH (the
+    kits' scripts run a bare ``python3``), and one thread per process (2-core machines)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    return env
+
+
+@dataclass
+class ProvisionResult:
+    out: Path
+    consortium: Consortium
+    kits: dict[str, Path]
+    seconds: float
+    ledger_file: Path | None
+    state: dict = field(default_factory=dict)
+
+    def kit(self, name: str) -> Path:
+        return self.kits[name]
+
+    def to_dict(self) -> dict:
+        return {"out": str(self.out), "kits": {k: str(v) for k, v in self.kits.items()},
+                "seconds": round(self.seconds, 2), "ledger": str(self.ledger_file) if self.ledger_file else None}
+
+
+def provision(consortium_file: str | Path, out: str | Path, *, data_root: str | Path | None = None,
+              port: int | None = None, log=lambda message: None) -> ProvisionResult:
+    """Validate the definition, run ``nvflare provision`` and write every participant's ``local/``.
+
+    Args:
+        consortium_file: the consortium definition.
+        out: the output folder (must not hold an earlier provisioning).
+        data_root: for a trial on one machine: each site's ``data_dir`` is ``<data_root>/<site>``
+            unless the definition gives one.
+        port: override the server's port (fed_learn and admin).
+    """
+    started = time.perf_counter()
+    consortium = load_consortium(consortium_file)
+    if port is not None:
+        consortium = consortium.with_port(int(port))
+    out = Path(out).resolve()
+    if (out / STATE_FILE).exists():
+        raise ProvisionError(f"{out} already holds a provisioned consortium ({STATE_FILE}); choose another --out "
+                             f"or remove it")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(consortium_file, out / "consortium.yml")
+    (out / "project.yml").write_text(yaml.safe_dump(project_yml(consortium), sort_keys=False))
+
+    workspace = out / "workspace"
+    log(f"running nvflare provision for {len(consortium.sites)} sites and {len(consortium.admins)} admins")
+    proc = subprocess.run([*nvflare_command(), "provision", "-p", str(out / "project.yml"), "-w", str(workspace),
+                           "--force"], cwd=out, env=tool_env(), capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise ProvisionError(f"nvflare provision failed (exit {proc.returncode}): "
+                             f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+    prods = sorted((workspace / consortium.name).glob("prod_*"))
+    if not prods:
+        raise ProvisionError(f"nvflare provision wrote no prod_NN folder under {workspace / consortium.name}")
+    prod = prods[-1]
+    participants = [consortium.coordinator.name, *consortium.site_names, *(a.name for a in consortium.admins)]
+    kits_dir = out / "kits"
+    kits_dir.mkdir(exist_ok=True)
+    kits = {}
+    for name in participants:
+        if not (prod / name / "startup").is_dir():
+            raise ProvisionError(f"{prod / name}: no startup kit was made for participant {name!r}")
+        link = kits_dir / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(prod / name, target_is_directory=True)
+        kits[name] = link
+
+    ledger_file = None
+    if consortium.ledger.get("backend", "local") == "local":
+        ledger_file = out / "ledger" / LEDGER_FILE
+        ledger_file.parent.mkdir(parents=True, exist_ok=True)
+
+    # Masking keys: one X25519 key per site (0600, in the site's local/), public keys in a directory.
+    from clinfed.privacy.masking import generate_private_key_file, write_key_directory
+
+    public_keys = {s.name: generate_private_key_file(kits[s.name] / "local" / local_files.MASKING_KEY_FILE)
+                   for s in consortium.sites}
+    write_key_directory(out / local_files.KEY_DIRECTORY_FILE, public_keys)
+
+    auth = local_files.authorization(consortium)
+    server_kit = kits[consortium.coordinator.name]
+    for name in [consortium.coordinator.name, *consortium.site_names]:
+        local = kits[name] / "local"
+        local_files.write_json(local / "authorization.json", auth)
+        default = json.loads((local / "resources.json.default").read_text())
+        resources = local_files.allow_list(default)
+        if name == consortium.coordinator.name:
+            resources = local_files.move_server_storage(resources, out / "server-storage")
+        local_files.write_json(local / "resources.json", resources)
+    local_files.write_json(server_kit / "local" / SITE_CONFIG_FILE,
+                           local_files.site_config(consortium, COORDINATOR, ledger_file))
+    for site in consortium.sites:
+        local = kits[site.name] / "local"
+        local_files.write_json(local / "privacy.json", local_files.privacy(site, consortium.study))
+        shutil.copyfile(out / local_files.KEY_DIRECTORY_FILE, local / local_files.KEY_DIRECTORY_FILE)
+        data_dir = site.data_dir or (str(Path(data_root).resolve() / site.name) if data_root else None)
+        local_files.write_json(local / SITE_CONFIG_FILE, local_files.site_config(consortium, site.name, ledger_file,
+                                                                                  data_dir))
+
+    local_files.write_json(out / "fabric" / "fabric_orgs.json", local_files.fabric_orgs(consortium))
+    local_files.write_json(out / "fabric" / "flare_to_fabric.json", local_files.flare_to_fabric(consortium))
+
+    if ledger_file is not None:
+        init_local_ledger(ledger_file, consortium, public_keys)
+
+    state = {"consortium": consortium.name, "study": consortium.study, "source": str(Path(consortium_file).resolve()),
+             "server": consortium.coordinator.name, "host": consortium.coordinator.host,
+             "port": consortium.coordinator.fed_learn_port, "sites": consortium.site_names,
+             "admins": {a.name: a.role for a in consortium.admins},
+             "leads": [a.name for a in consortium.leads], "prod_dir": str(prod),
+             "kits": {k: str(v) for k, v in kits.items()},
+             "ledger": str(ledger_file) if ledger_file else None,
+             "server_storage": str(out / "server-storage")}
+    local_files.write_json(out / STATE_FILE, state)
+    seconds = time.perf_counter() - started
+    log(f"provisioned {consortium.name} into {out} in {seconds:.1f} s")
+    return ProvisionResult(out, consortium, kits, seconds, ledger_file, state)
+
+
+def init_local_ledger(ledger_file: Path, consortium: Consortium, public_keys: dict[str, bytes]) -> None:
+    """Initialise the consortium on the LocalLedger (as the coordinator) and register each site's
+    masking public key (as that site, since a site writes only its own records)."""
+    from clinfed.ledger import DuplicateRecord, LocalLedger
+
+    with LocalLedger(ledger_file, COORDINATOR_MSP) as ledger:
+        try:
+            ledger.init_consortium({s.name: s.msp_id for s in consortium.sites}, COORDINATOR_MSP)
+        except DuplicateRecord:
+            pass
+    for site in consortium.sites:
+        with LocalLedger(ledger_file, site.msp_id) as ledger:
+            try:
+                ledger.register_site_key(site.name, public_keys[site.name])
+            except DuplicateRecord:
+                pass
+
+
+def load_state(out: str | Path) -> dict:
+    path = Path(out) / STATE_FILE
+    if not path.is_file():
+        raise ConfigError(f"{Path(out)}: no {STATE_FILE}; provision it first (clinfed consortium provision "
+                          f"CONSORTIUM_YML --out {out})")
+    return json.loads(path.read_text())
+
+
+__all__ = ["provision", "project_yml", "ProvisionResult", "ProvisionError", "load_state", "COORDINATOR"]
