@@ -78,6 +78,9 @@ def tool_env() -> dict:
     """Environment for FLARE tools and start scripts: this interpreter's bin first on PATH (the
     kits' scripts run a bare ``python3``), and one thread per process (2-core machines)."""
     env = dict(os.environ)
+    # A deployed participant takes its data, ledger and job IDs from its own local/ files only.
+    for name in ("CLINFED_JOB_ID", "CLINFED_LEDGER", "CLINFED_DATA_ROOT"):
+        env.pop(name, None)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("MKL_NUM_THREADS", "1")

@@ -272,10 +272,9 @@ def failure_causes(state: dict, job_id: str, deploy_detail=None, max_lines: int 
                 causes.append({"participant": text.split(":", 1)[0].strip(), "kind": kind, "explanation": why,
                                "evidence": [text.strip()], "log": "job_deploy_detail"})
                 break
-    blamed = {c["participant"] for c in causes}
+    if causes:  # the deploy detail names each refusing site and why; the logs only repeat it
+        return causes
     for name in [state["server"], *state["sites"]]:
-        if name in blamed:
-            continue
         kit = Path(state["kits"][name])
         job_dir = kit / job_id
         logs = sorted(job_dir.rglob("log*.txt")) if job_dir.is_dir() else []

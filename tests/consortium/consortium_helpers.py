@@ -1,0 +1,79 @@
+"""Shared pieces of the consortium tests: a consortium file on a free port, tiny jobs."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CONSORTIUM_YML = REPO / "provisioning" / "consortium.yml"
+LEAD = "lead@coordinator.org"
+MEMBER = "member@hospital-1.org"
+ROI = (32, 32, 16)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def consortium_dict() -> dict:
+    return yaml.safe_load(CONSORTIUM_YML.read_text())
+
+
+def write_consortium(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def export_private_job(jobs_dir: Path, name: str = "tiny_private", num_rounds: int = 2,
+                       scope: str | None = "strict") -> Path:
+    """A tiny private job: the server sums masked updates (``MaskedFedAvg``); the job asks for the
+    sites' ``strict`` scope, so each site's own policy applies update-level DP and masking."""
+    from nvflare.app_common.app_constant import AppConstants
+    from nvflare.app_opt.pt.job_config.base_fed_job import BaseFedJob
+    from nvflare.job_config.defs import FilterType
+
+    from clinfed.aggregators.masked_sum import MaskedFedAvg
+    from clinfed.executors.seg_executor import SegExecutor
+    from clinfed.filters.contribution_record import ContributionRecorder
+    from clinfed.models.fusion_seg import FusionSegNet
+    from clinfed.widgets.ledger_recorder import LedgerRecorder
+
+    job = BaseFedJob(initial_model=FusionSegNet(), name=name, min_clients=2, key_metric="dice")
+    persistor_id = job.comp_ids["persistor_id"]
+    # DP noise (sigma * C = 0.5 per coordinate) must fit in the masking range.
+    job.to_server(MaskedFedAvg(num_clients=2, num_rounds=num_rounds, persistor_id=persistor_id, clip_range=8.0,
+                               weight_bound=1e3))
+    job.to_server(LedgerRecorder(persistor_id=persistor_id, aggregation="masked_weighted_fedavg"),
+                  id="ledger_recorder")
+    job.to_clients(SegExecutor(local_epochs=1, batch_size=2, lr=2e-3, roi=list(ROI)), tasks=["train", "validate"])
+    job.to_clients(ContributionRecorder(), filter_type=FilterType.TASK_RESULT, tasks=[AppConstants.TASK_TRAIN])
+    job.set_app_packages(["clinfed", "fhir_adapter"])
+    job.export_job(str(jobs_dir))
+    return set_scope(jobs_dir / name, scope)
+
+
+def export_plain_job(jobs_dir: Path, name: str = "tiny_plain", num_rounds: int = 1, scope: str | None = None) -> Path:
+    """The plain FedAvg job (no privacy filters of its own), tiny."""
+    from clinfed.jobs.tumour_seg import TumourSegFedAvgRecipe
+
+    recipe = TumourSegFedAvgRecipe(name=name, min_clients=2, num_rounds=num_rounds, local_epochs=1, batch_size=2,
+                                   roi=ROI, cross_site_eval=False)
+    recipe.export(str(jobs_dir))
+    return set_scope(jobs_dir / name, scope)
+
+
+def set_scope(job_dir: Path, scope: str | None) -> Path:
+    meta_file = job_dir / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    if scope is None:
+        meta.pop("scope", None)
+    else:
+        meta["scope"] = scope
+    meta_file.write_text(json.dumps(meta, indent=2))
+    return job_dir

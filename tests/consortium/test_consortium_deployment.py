@@ -1,0 +1,194 @@
+"""A real consortium on this machine: provisioned from consortium.yml, server and two sites as
+separate FLARE processes started from their startup kits, jobs submitted through the FLARE API.
+
+site-1 accepts only the strict scope (update-level DP + secure masking + release guard);
+site-2 accepts public and strict, public by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+from consortium_helpers import (CONSORTIUM_YML, LEAD, MEMBER, export_plain_job, export_private_job, free_port)
+
+from clinfed import audit
+from clinfed.consortium import trial
+from clinfed.consortium.cli import add_consortium_commands
+from clinfed.consortium.provision import load_state
+
+SITES = ["site-1", "site-2"]
+pytestmark = pytest.mark.timeout(900)
+
+
+def _cli(*argv: str, capsys=None) -> str:
+    parser = argparse.ArgumentParser(prog="clinfed")
+    add_consortium_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    assert args.func(args) == 0
+    return capsys.readouterr().out if capsys is not None else ""
+
+
+def _site_ledger(state: dict, participant: str):
+    kit = state["kits"][state["server"] if participant == audit.COORDINATOR else participant]
+    return audit.ledger_settings(participant, site_config_dir=Path(kit) / "local").open(outbox=False)
+
+
+def _run(out: Path, job_dir: Path, timeout: float = 420.0) -> tuple[str, dict, float]:
+    """Submit as the lead, wait for the end; returns the job ID, its meta and the seconds taken."""
+    with trial.admin_session(out) as session:
+        started = time.monotonic()
+        job_id = session.submit_job(str(job_dir))
+        session.monitor_job(job_id, timeout=timeout, poll_interval=1.0)
+        return job_id, session.get_job_meta(job_id), time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory):
+    from clinfed.data.synth import synthesise
+
+    root = tmp_path_factory.mktemp("consortium")
+    out, data = root / "trial", root / "data"
+    synthesise(data, len(SITES), 6, (32, 32, 16), 1)
+    started = time.monotonic()
+    parser = argparse.ArgumentParser()
+    add_consortium_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["consortium", "provision", str(CONSORTIUM_YML), "--out", str(out), "--data-root",
+                              str(data), "--port", str(free_port()), "--json"])
+    assert args.func(args) == 0
+    provision_seconds = time.monotonic() - started
+    state = load_state(out)
+    # Each site publishes its patients' consents to the ledger, as itself.
+    for site in SITES:
+        with _site_ledger(state, site) as ledger:
+            assert audit.sync_consents(data / site, ledger, site).active > 0
+    try:
+        result = trial.up(out, sites=SITES, timeout=180)
+        yield {"out": out, "data": data, "state": state, "root": root, "provision_seconds": provision_seconds,
+               "up_seconds": result.seconds_to_connected}
+    finally:
+        trial.down(out)
+
+
+def test_provisioned_kits_hold_the_site_policies(consortium):
+    out, state = consortium["out"], consortium["state"]
+    assert state["sites"] == ["site-1", "site-2", "site-3"] and state["leads"] == [LEAD]
+    for name in [state["server"], *state["sites"], LEAD, MEMBER]:
+        assert (Path(state["kits"][name]) / "startup").is_dir(), name
+    site1 = Path(state["kits"]["site-1"]) / "local"
+    assert (site1 / "masking_key.pem").stat().st_mode & 0o777 == 0o600
+    assert json.loads((site1 / "privacy.json").read_text())["default_scope"] == "strict"
+    assert json.loads((site1 / "authorization.json").read_text())["permissions"]["lead"]["byoc"] == "none"
+    assert "clinfed." in json.loads((site1 / "resources.json").read_text())["class_allow_list"]
+    site_config = json.loads((site1 / "clinfed_site.json").read_text())
+    assert site_config["data_dir"] == str(consortium["data"].resolve() / "site-1")
+    server_resources = (Path(state["kits"][state["server"]]) / "local" / "resources.json").read_text()
+    assert "/tmp/nvflare" not in server_resources and state["server_storage"] in server_resources
+    keys = json.loads((out / "site_keys.json").read_text())
+    assert sorted(keys) == state["sites"]
+    with _site_ledger(state, "site-2") as ledger:  # registered on the ledger, as each site
+        registered = ledger.site_keys()
+    assert sorted(registered) == state["sites"]
+    assert json.loads((out / "fabric" / "flare_to_fabric.json").read_text())["site-2"] == "Site2MSP"
+    print(f"provisioning {consortium['provision_seconds']:.1f} s; start to sites connected "
+          f"{consortium['up_seconds']:.1f} s")
+
+
+def test_private_job_through_the_flare_api_and_each_site_verifies_it(consortium, tmp_path, capsys):
+    out, state = consortium["out"], consortium["state"]
+    job_dir = export_private_job(tmp_path / "jobs", num_rounds=2, scope="strict")
+    job_id, meta, seconds = _run(out, job_dir)
+    assert meta["status"] == "FINISHED:COMPLETED", trial.status_text(trial.status(out, query_server=False))
+
+    with trial.admin_session(out) as session:
+        result_dir = Path(session.download_job_result(job_id))
+    model_file = next(result_dir.rglob("FL_global_model.pt"))
+
+    # Every site reads the ledger with its own identity and verifies the job and the final model.
+    for participant in [*SITES, audit.COORDINATOR]:
+        with _site_ledger(state, participant) as ledger:
+            verified = audit.verify(ledger, job_id, model_file)
+            assert verified.ok, (participant, verified.job.problems)
+            assert verified.matched_rounds == [1]
+    with _site_ledger(state, "site-1") as ledger:
+        rows = audit.contributions(ledger, job_id)
+    assert sorted((r["round"], r["site"]) for r in rows) == [(0, "site-1"), (0, "site-2"), (1, "site-1"),
+                                                             (1, "site-2")]
+    # The strict scope ran at both sites: DP spend recorded, hash of the masked bytes.
+    assert all(r.get("epsilon") and r.get("hash_stage") == "after_masking" for r in rows), rows
+
+    server_log = (result_dir / "workspace" / "log.txt").read_text(errors="replace")
+    round_starts = [line for line in server_log.splitlines() if re.search(r"Round \d+ started", line)]
+    report = json.loads(_cli("consortium", "status", str(out), "--json", capsys=capsys))
+    assert report["connected_sites"] == SITES
+    assert any(j["job_id"] == job_id and j["status"] == "FINISHED:COMPLETED" for j in report["jobs"])
+    print(f"private job, 2 rounds: submit to finished {seconds:.1f} s; {len(round_starts)} round starts logged")
+
+
+def test_job_naming_a_scope_the_site_lacks_is_refused_at_deploy(consortium, tmp_path, capsys):
+    out = consortium["out"]
+    # site-1 defines only "strict": a job asking for "public" is refused there.
+    job_dir = export_plain_job(tmp_path / "jobs", name="tiny_public", scope="public")
+    job_id, meta, _ = _run(out, job_dir, timeout=120)
+    assert meta["status"] == "FINISHED:FAILED_TO_RUN"
+    assert "site-1: NVFLARE_ERROR: privacy scope 'public' is not allowed" in meta["job_deploy_detail"]
+    assert "site-2: OK" in meta["job_deploy_detail"]
+    job = next(j for j in trial.status(out, query_server=False)["jobs"] if j["job_id"] == job_id)
+    assert [(c["participant"], c["kind"]) for c in job["causes"]] == [("site-1", "privacy_scope")]
+    text = _cli("consortium", "status", str(out), capsys=capsys)
+    assert "the job names a privacy scope this site does not define" in text
+
+
+def test_member_cannot_submit(consortium, tmp_path):
+    from nvflare.fuel.flare_api.api_spec import AuthorizationError
+
+    job_dir = export_plain_job(tmp_path / "jobs", name="tiny_member")
+    with trial.admin_session(consortium["out"], username=MEMBER) as session:
+        with pytest.raises(AuthorizationError, match="not authorized for 'submit_job'"):
+            session.submit_job(str(job_dir))
+        assert not [j for j in session.list_jobs() if j.get("job_name") == "tiny_member"]
+
+
+def test_strict_site_releases_nothing_unmasked_for_a_job_without_privacy(consortium, tmp_path):
+    """A plain FedAvg job names no scope and has no privacy filters; site-1's default (strict)
+    scope still applies DP, then masking, which has no round participant list to mask against, so
+    site-1 sends an error reply: the server receives no update of site-1 at all."""
+    out, state = consortium["out"], consortium["state"]
+    job_dir = export_plain_job(tmp_path / "jobs", name="tiny_plain", num_rounds=1)
+    job_id, meta, _ = _run(out, job_dir)
+    assert meta["status"] != "FINISHED:COMPLETED"
+
+    with trial.admin_session(out) as session:
+        result_dir = Path(session.download_job_result(job_id))
+    server_log = (result_dir / "workspace" / "log.txt").read_text(errors="replace")
+    site1_results = [line for line in server_log.splitlines()
+                     if "peer=site-1" in line and "task_name=train" in line and "peer_rc=" in line]
+    assert site1_results, "the server logged no train result of site-1"
+    assert all("peer_rc=TASK_RESULT_FILTER_ERROR" in line for line in site1_results)
+    with _site_ledger(state, "site-1") as ledger:
+        assert [r for r in audit.contributions(ledger, job_id) if r["site"] == "site-1"] == []
+    job = next(j for j in trial.status(out, query_server=False)["jobs"] if j["job_id"] == job_id)
+    assert ("site-1", "privacy_refused") in [(c["participant"], c["kind"]) for c in job["causes"]]
+
+
+def test_site_provisioned_elsewhere_cannot_connect(consortium, tmp_path):
+    from clinfed.consortium.provision import provision
+
+    out, state = consortium["out"], consortium["state"]
+    # Same consortium file, same server address, but another provisioning: another root CA.
+    other = provision(CONSORTIUM_YML, tmp_path / "other", port=state["port"])
+    outsider = trial.start_participant(other.out, other.kit("site-3"), "site-3")
+    try:
+        log = other.out / "run" / "site-3.out"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "CERTIFICATE_VERIFY_FAILED" not in log.read_text(errors="replace"):
+            time.sleep(1)
+        assert "CERTIFICATE_VERIFY_FAILED" in log.read_text(errors="replace")
+        with trial.admin_session(out) as session:
+            assert trial.connected_sites(session) == SITES
+    finally:
+        trial.stop_participant(outsider.pid)
