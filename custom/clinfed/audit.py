@@ -39,6 +39,7 @@ ID under which its records are kept (the demo sets a fresh one per run).
 from __future__ import annotations
 
 import atexit
+import base64
 import dataclasses
 import json
 import os
@@ -49,10 +50,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from clinfed.errors import ConfigError
+from clinfed.site_config import SITE_CONFIG_FILE
 from clinfed.ledger import (Consent, ContractLedger, DuplicateRecord, JobVerification, LedgerEvent, open_ledger,
                             sha256_file, verify_records)
 
-SITE_CONFIG_FILE = "clinfed_site.json"
 LEDGER_ENV = "CLINFED_LEDGER"
 JOB_ID_ENV = "CLINFED_JOB_ID"
 COORDINATOR = "coordinator"
@@ -245,6 +246,22 @@ def init_consortium(ledger_path: str | os.PathLike, sites: Iterable[str]) -> Non
             ledger.init_consortium(sites, COORDINATOR_MSP)
         except DuplicateRecord:
             pass
+
+
+def register_masking_key(ledger: ContractLedger, site: str, key_file: str | os.PathLike) -> tuple[str, bool]:
+    """Make ``key_file`` the site's masking key (created, mode 0600, when missing) and publish its
+    public half on the ledger unless that exact key is registered already. Returns the public key
+    (hex) and whether it was newly registered. A different registered key is replaced: the
+    ledger keeps the old one in the key's history."""
+    from clinfed.privacy.masking import generate_private_key_file, load_private_key, public_key_bytes
+
+    key_file = Path(key_file)
+    public = public_key_bytes(load_private_key(key_file)) if key_file.exists() else generate_private_key_file(key_file)
+    registered = ledger.site_keys().get(site)
+    if registered is not None and registered.public_key == base64.b64encode(public).decode("ascii"):
+        return public.hex(), False
+    ledger.register_site_key(site, public)
+    return public.hex(), True
 
 
 @dataclass

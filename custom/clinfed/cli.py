@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from clinfed.errors import ClinfedError, FhirInputError
+from clinfed.privacy import PRIVACY_MODES
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -89,6 +90,7 @@ def cmd_demo(args) -> int:
     config = DemoConfig.quick() if args.quick else DemoConfig()
     if args.rounds:
         config = DemoConfig(**{**config.__dict__, "rounds": args.rounds})
+    config = DemoConfig(**{**config.__dict__, "privacy": args.privacy})
     log = (lambda message: print(message, file=sys.stderr)) if args.json else print
     results = run_demo(args.out, config, log=log)
     if args.json:
@@ -143,6 +145,19 @@ def cmd_consent_sync(args) -> int:
         if report.missing_from_export:
             print(f"warning: {report.missing_from_export} consent(s) on the ledger have no deciding Consent in the "
                   f"export any more; they stay as recorded until the export revokes them")
+    return 0
+
+
+def cmd_keys_register(args) -> int:
+    from clinfed import audit
+
+    with _open_ledger(args, args.site) as ledger:
+        public, new = audit.register_masking_key(ledger, args.site, args.key_file)
+    if args.json:
+        print(json.dumps({"site": args.site, "key_file": str(args.key_file), "public_key": public, "registered": new}))
+    else:
+        print(f"{args.site}: masking key {args.key_file} (public {public[:16]}...) "
+              + ("registered on the ledger" if new else "already registered on the ledger"))
     return 0
 
 
@@ -239,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for data, FLARE workspace, results")
     demo.add_argument("--quick", action="store_true", help="small data and 3 rounds (under 3 minutes)")
     demo.add_argument("--rounds", type=_positive, help="override the number of federated rounds")
+    demo.add_argument("--privacy", choices=PRIVACY_MODES, default="none",
+                      help="federated arm: DP-SGD at every site (dp), secure masking (mask), or both")
     demo.add_argument("--json", action="store_true", help="print results.json to stdout")
     demo.set_defaults(func=cmd_demo)
 
@@ -258,6 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--study", default=STUDY_ID)
     sync.add_argument("--secret-file", type=Path, help="site pseudonymisation key (default SITE_DIR/site_secret.key)")
     sync.set_defaults(func=cmd_consent_sync)
+
+    keys = sub.add_parser("keys", help="the site's secure-masking key").add_subparsers(
+        dest="keys_command", required=True)
+    register = keys.add_parser("register", parents=[ledger_options],
+                               help="create the site's X25519 masking key if missing and publish its public half "
+                                    "on the ledger (peers derive pairwise masks from the registered keys)")
+    register.add_argument("--site", required=True, help="the site's name in the consortium")
+    register.add_argument("--key-file", type=Path, required=True,
+                          help="the private key file (created mode 0600 if missing; the site's masking_key_file)")
+    register.set_defaults(func=cmd_keys_register)
 
     audit = sub.add_parser("audit", help="read the audit ledger").add_subparsers(dest="audit_command", required=True)
     audit_options = argparse.ArgumentParser(add_help=False, parents=[ledger_options])

@@ -3,6 +3,11 @@
 All three arms train the same model with the same total epoch budget and are scored on the
 same evaluation set: the union of every site's validation split.
 
+``privacy`` applies to the federated arm only (``dp``: DP-SGD at every site under a budget of
+``dp_target_epsilon`` for the study; ``mask``: secure masking; ``dp+mask``): the baselines stay
+non-private, as the yardstick. With masking, each site's key is created in its data folder and
+registered on the ledger before the run.
+
 The federated arm records to a LocalLedger in the output folder (``ledger.sqlite``): the sites'
 consents are published first (``consent sync``), the job records contributions, global models
 and absences, and the final model file is checked with ``audit verify``.
@@ -26,7 +31,7 @@ from clinfed import audit
 from clinfed.data.ingest import Case, ingest_site
 from clinfed.data.profiles import profile_for_site
 from clinfed.data.synth import synthesise
-from clinfed.jobs.tumour_seg import EXTRA_ALLOWED_CLASSES, FEDAVG_JOB_NAME, TumourSegFedAvgRecipe
+from clinfed.jobs.tumour_seg import EXTRA_ALLOWED_CLASSES, FEDAVG_JOB_NAME, PRIVATE_JOB_NAME, TumourSegFedAvgRecipe
 from clinfed.training import (
     TrainConfig,
     evaluate,
@@ -37,6 +42,7 @@ from clinfed.training import (
     split_cases,
     train_epochs,
 )
+from clinfed.site_config import DATA_ROOT_ENV, MASKING_KEY_FILE
 from clinfed.widgets.round_log import ROUND_LOG_FILE
 
 # Cross-site evaluation names the server's final global model by its file.
@@ -55,6 +61,8 @@ class DemoConfig:
     batch_size: int = 2
     lr: float = 2e-3
     roi: tuple[int, int, int] = (32, 32, 16)
+    privacy: str = "none"  # one of clinfed.privacy.PRIVACY_MODES
+    dp_target_epsilon: float = 8.0
 
     @classmethod
     def quick(cls) -> "DemoConfig":
@@ -63,6 +71,16 @@ class DemoConfig:
     @property
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, roi=self.roi)
+
+    @property
+    def job_name(self) -> str:
+        return FEDAVG_JOB_NAME if self.privacy == "none" else PRIVATE_JOB_NAME
+
+    def recipe(self) -> TumourSegFedAvgRecipe:
+        """The federated job of this configuration (the committed jobs with the demo's sizes)."""
+        return TumourSegFedAvgRecipe(name=self.job_name, min_clients=self.sites, num_rounds=self.rounds,
+                                     local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
+                                     roi=self.roi, privacy=self.privacy, dp_target_epsilon=self.dp_target_epsilon)
 
     @property
     def total_epochs(self) -> int:
@@ -108,9 +126,10 @@ def _environment(**values: str):
                 os.environ[key] = value
 
 
-def prepare_ledger(ledger_path: Path, data_dir: Path, sites: list[str], log=print) -> int:
+def prepare_ledger(ledger_path: Path, data_dir: Path, sites: list[str], log=print, masking_keys: bool = False) -> int:
     """Initialise the consortium on a LocalLedger file and publish every site's consents, each as
-    its own site (``consent sync``); returns how many consents the ledger holds for the sites."""
+    its own site (``consent sync``), and with ``masking_keys`` its masking key (``keys register``);
+    returns how many consents the ledger holds for the sites."""
     from clinfed.data.profiles import STUDY_ID
 
     audit.init_consortium(ledger_path, sites)
@@ -120,6 +139,8 @@ def prepare_ledger(ledger_path: Path, data_dir: Path, sites: list[str], log=prin
         with settings.open(outbox=False) as ledger:
             synced = audit.sync_consents(data_dir / site, ledger, site)
             held += synced.active + synced.revoked
+            if masking_keys:
+                audit.register_masking_key(ledger, site, data_dir / site / MASKING_KEY_FILE)
         log(f"{site}: consents on the ledger for study {STUDY_ID}: {synced.active} active, {synced.revoked} revoked "
             f"({synced.published} published now)")
     return held
@@ -139,14 +160,13 @@ def run_federated(data_dir: Path, workspace_root: Path, config: DemoConfig, ledg
     """
     from nvflare.recipe.sim_env import SimEnv
 
-    recipe = recipe or TumourSegFedAvgRecipe(min_clients=config.sites, num_rounds=config.rounds,
-                                             local_epochs=config.local_epochs, batch_size=config.batch_size,
-                                             lr=config.lr, roi=config.roi)
+    recipe = recipe or config.recipe()
     allow_list_for_simulation(workspace_root, recipe.name)
     if ledger_path is None:
         ledger_path = Path(workspace_root) / LEDGER_FILE
-        prepare_ledger(ledger_path, data_dir, site_names(config), log=lambda message: None)
-    os.environ["CLINFED_DATA_ROOT"] = str(data_dir.resolve())
+        prepare_ledger(ledger_path, data_dir, site_names(config), log=lambda message: None,
+                       masking_keys="mask" in config.privacy)
+    os.environ[DATA_ROOT_ENV] = str(data_dir.resolve())
     # The simulated clients are processes sharing our cores: one thread each avoids thrashing.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     env = SimEnv(clients=site_names(config), num_threads=config.sites, workspace_root=str(workspace_root))
@@ -171,6 +191,22 @@ def verify_on_ledger(ledger_path: Path, job_id: str, model_file: Path, consents:
             "consents": consents, "verified": result.ok, "rounds": result.job.rounds,
             "model_sha256": result.model_sha256, "model_round": result.job.model_round,
             "problems": list(result.job.problems)}
+
+
+def privacy_spend(ledger_path: Path, job_id: str, config: DemoConfig) -> dict:
+    """Each site's epsilon spent on the study after this job, as its contributions recorded it
+    on the ledger (None for a site without DP), and the delta of the guarantee."""
+    with audit.ledger_settings(audit.COORDINATOR, ledger=ledger_path).open(outbox=False) as ledger:
+        records = sorted(ledger.contributions(job_id), key=lambda c: c.round)
+    epsilon = {site: None for site in site_names(config)}
+    deltas = set()
+    for record in records:  # the last round's figure is the total
+        if record.epsilon is not None:
+            epsilon[record.site] = record.epsilon
+            deltas.add(record.delta)
+    return {"mode": config.privacy, "epsilon": epsilon, "delta": max(deltas) if deltas else None,
+            "target_epsilon": config.dp_target_epsilon if "dp" in config.privacy else None,
+            "masked": "mask" in config.privacy}
 
 
 def read_federated_results(server_run_dir: Path, evaluation: list[Case], config: DemoConfig) -> tuple[dict, dict]:
@@ -237,11 +273,12 @@ def run_demo(out_dir: Path, config: DemoConfig, log=print) -> dict:
         local[name] = _train_and_score(train_by_site[name], evaluation, config)
     timings["local_seconds"] = time.perf_counter() - started
 
-    log(f"running federated FedAvg in FLARE SimEnv ({config.rounds} rounds), recording to the local ledger")
+    log(f"running federated FedAvg in FLARE SimEnv ({config.rounds} rounds, privacy: {config.privacy}), "
+        f"recording to the local ledger")
     started = time.perf_counter()
     ledger_path = out_dir / LEDGER_FILE
-    consents = prepare_ledger(ledger_path, data_dir, names, log=log)
-    job_id = new_job_id(FEDAVG_JOB_NAME)
+    consents = prepare_ledger(ledger_path, data_dir, names, log=log, masking_keys="mask" in config.privacy)
+    job_id = new_job_id(config.job_name)
     server_run_dir = run_federated(data_dir, out_dir / "flare_workspace", config, ledger_path=ledger_path,
                                    job_id=job_id)
     federated, cross_site = read_federated_results(server_run_dir, evaluation, config)
@@ -258,6 +295,7 @@ def run_demo(out_dir: Path, config: DemoConfig, log=print) -> dict:
         "federated": federated,
         "cross_site": cross_site,
         "ledger": ledger,
+        "privacy": privacy_spend(ledger_path, job_id, config),
         "timings": timings,
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -305,12 +343,20 @@ def results_table(results: dict) -> str:
 
     lines = [f"{'arm':<22}{'Dice':>8}{'AUC':>8}", "-" * 38]
     lines.append(f"{'centralised':<22}{fmt(results['central']['dice']):>8}{fmt(results['central']['auc']):>8}")
-    lines.append(f"{'federated (FedAvg)':<22}{fmt(results['federated']['dice']):>8}{fmt(results['federated']['auc']):>8}")
+    federated_arm = "federated" + ("" if results.get("privacy", {}).get("mode", "none") == "none"
+                                   else f" ({results['privacy']['mode']})")
+    lines.append(f"{federated_arm:<22}{fmt(results['federated']['dice']):>8}{fmt(results['federated']['auc']):>8}")
     for site, scores in results["local"].items():
         lines.append(f"{'local-only ' + site:<22}{fmt(scores['dice']):>8}{fmt(scores['auc']):>8}")
     lines.append("")
     lines.append("federated Dice per round: " + ", ".join(
         f"r{r['round']}={fmt(r['dice']).strip()}" for r in results["federated"]["per_round"]))
+    privacy = results.get("privacy") or {}
+    if any(v is not None for v in privacy.get("epsilon", {}).values()):
+        lines.append(f"privacy spent (epsilon at delta {privacy['delta']:.2g}, budget {privacy['target_epsilon']}): "
+                     + ", ".join(f"{site} {fmt(eps).strip()}" for site, eps in privacy["epsilon"].items()))
+    if privacy.get("masked"):
+        lines.append("updates were pairwise-masked: the server only ever held their sum")
     ledger = results.get("ledger")
     if ledger:
         lines.append(f"ledger ({ledger['backend']}, {ledger['path']}): job {ledger['job_id']}, {ledger['records']} "

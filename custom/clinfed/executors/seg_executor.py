@@ -1,8 +1,6 @@
 """The site's FLARE executor: trains the fusion model on the site's own consented cohort.
 
-Site data come from the site, never from the job: ``local/clinfed_site.json`` in the site's
-workspace (``{"data_dir": ..., "secret_file": ..., "ledger": {...}}``), or, for simulator runs,
-``$CLINFED_DATA_ROOT/<site name>`` (and ``$CLINFED_LEDGER``, see :mod:`clinfed.audit`).
+Site data come from the site, never from the job (:mod:`clinfed.site_config`).
 
 Consent gate: the site ingests its data once, then at every round trains (and validates) only on
 the patients whose consent for the study is ``active`` *on the ledger* at that moment, as
@@ -11,16 +9,24 @@ revocation committed between rounds takes effect at the next round. Each round's
 the site log as counts and to ``clinfed_cohort.jsonl`` in the site's run folder as pseudonyms
 (one JSON line per task: round, train and validation pseudonyms, exclusions by reason); the
 counts travel with the update and are recorded in the contribution's metrics.
+
+Sample-level differential privacy (``dp_target_epsilon``): local training runs as Opacus DP-SGD
+(``clinfed.privacy.dp_sgd.SiteDPSGD``: Poisson sampling, per-sample clipping, PRV accountant). The
+budget is the site's for the study, across rounds, jobs and client restarts (kept in the site's
+``privacy_dir``, :mod:`clinfed.site_config`, as ``<study>/<site>.dp_sgd.json``); the noise is planned once per job
+so that all its rounds fit. When the next round would not fit, the site declines the task with
+the reason (header ``clinfed_privacy_declined``) and sends nothing; the round goes on without it
+if enough sites remain. The spend travels in the result's meta and reaches the ledger.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
@@ -35,6 +41,11 @@ from clinfed.data.profiles import STUDY_ID
 from clinfed.data.pseudonym import Pseudonymiser
 from clinfed.errors import ConfigError
 from clinfed.filters.contribution_record import COHORT_META, ROUND_META
+from clinfed.filters.update_dp import DECLINE_HEADER
+from clinfed.privacy.accounting import budget_file, default_privacy_dir
+from clinfed.privacy.dp_sgd import SiteDPSGD
+from clinfed.privacy.errors import PrivacyBudgetExceeded
+from clinfed.site_config import SITE_CONFIG_FILE, site_files
 from clinfed.training import (
     TrainConfig,
     device_for_training,
@@ -48,9 +59,8 @@ from clinfed.training import (
     train_epochs,
 )
 
-SITE_CONFIG_FILE = "clinfed_site.json"
-DATA_ROOT_ENV = "CLINFED_DATA_ROOT"
 COHORT_LOG_FILE = "clinfed_cohort.jsonl"
+DP_SGD_EPSILON_ROUND = "dp_sgd_epsilon_round"
 REVOKED_ON_LEDGER = "consent revoked on ledger"
 NOT_ON_LEDGER = "no consent on ledger"
 
@@ -67,10 +77,17 @@ class SegExecutor(Executor):
         ledger_consent: gate the cohort on consents recorded on the ledger (the site's ledger
             config is then required). Off, only the consents in the site's own FHIR export count;
             that is for runs without a ledger, never for a consortium.
+        dp_target_epsilon: train with DP-SGD under this budget for the study (patient level: one
+            volume per patient); None trains without DP-SGD.
+        dp_delta: the guarantee's delta; default 1 / (10 n) at the study's first job.
+        dp_max_grad_norm: per-sample gradient clipping bound.
+        dp_accountant: ``prv`` (default, tighter) or ``rdp``.
     """
 
     def __init__(self, study: str = STUDY_ID, local_epochs: int = 2, batch_size: int = 2, lr: float = 5e-3,
-                 roi: list[int] | tuple[int, int, int] = (32, 32, 16), ledger_consent: bool = True):
+                 roi: list[int] | tuple[int, int, int] = (32, 32, 16), ledger_consent: bool = True,
+                 dp_target_epsilon: float | None = None, dp_delta: float | None = None,
+                 dp_max_grad_norm: float = 1.0, dp_accountant: str = "prv"):
         super().__init__()
         if local_epochs < 1 or batch_size < 1 or lr <= 0:
             raise ValueError("local_epochs and batch_size must be >= 1 and lr > 0")
@@ -83,6 +100,14 @@ class SegExecutor(Executor):
         self.roi = tuple(int(s) for s in roi)
         self.config = TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, roi=self.roi)
         self.ledger_consent = bool(ledger_consent)
+        if dp_target_epsilon is not None and not dp_target_epsilon > 0:
+            raise ValueError(f"dp_target_epsilon must be > 0 (or None for no DP-SGD), got {dp_target_epsilon}")
+        self.dp_target_epsilon = None if dp_target_epsilon is None else float(dp_target_epsilon)
+        self.dp_delta = None if dp_delta is None else float(dp_delta)
+        self.dp_max_grad_norm = float(dp_max_grad_norm)
+        self.dp_accountant = dp_accountant
+        self._dp: SiteDPSGD | None = None
+        self._last_update: tuple | None = None  # (round, weight difference, meta) of the last train task
         self.device = device_for_training()
         self.model = None
         self.train_loader = None
@@ -108,20 +133,6 @@ class SegExecutor(Executor):
             if remaining:
                 self.log_warning(fl_ctx, f"{remaining} ledger write(s) stay queued in the outbox for the next run")
 
-    def _site_data(self, fl_ctx: FLContext) -> tuple[Path, Path | None]:
-        site = fl_ctx.get_identity_name()
-        config_file = Path(fl_ctx.get_engine().get_workspace().get_site_config_dir()) / SITE_CONFIG_FILE
-        if config_file.is_file():
-            config = json.loads(config_file.read_text())
-            if "data_dir" not in config:
-                raise ConfigError(f"{config_file}: field 'data_dir' is missing")
-            secret = config.get("secret_file")
-            return Path(config["data_dir"]), Path(secret) if secret else None
-        if os.environ.get(DATA_ROOT_ENV):
-            return Path(os.environ[DATA_ROOT_ENV]) / site, None
-        raise ConfigError(f"site {site}: no {config_file} and ${DATA_ROOT_ENV} is not set; "
-                          f"tell clinfed where this site's data lives")
-
     def _load_cohort(self, fl_ctx: FLContext) -> None:
         site = fl_ctx.get_identity_name()
         if self.ledger_consent:
@@ -133,8 +144,9 @@ class SegExecutor(Executor):
                 raise ConfigError(f"site {site}: the consent gate reads consents from the ledger, and none is "
                                   f"configured ('ledger' in local/{SITE_CONFIG_FILE} or $CLINFED_LEDGER)")
             self.log_info(fl_ctx, f"consents are read from the {self._ledger_settings.describe()}")
-        data_dir, secret_file = self._site_data(fl_ctx)
-        ingestion = ingest_site(data_dir, self.study, Pseudonymiser.for_site(data_dir, secret_file))
+        files = site_files(site, fl_ctx.get_engine().get_workspace().get_site_config_dir())
+        data_dir = files.data_dir
+        ingestion = ingest_site(data_dir, self.study, Pseudonymiser.for_site(data_dir, files.secret_file))
         train, val = split_cases(ingestion.cases)
         report = ingestion.report()
         # Counts and reasons only: the cohort log carries pseudonyms at most, never patient data.
@@ -218,7 +230,24 @@ class SegExecutor(Executor):
         if incoming.data_kind != DataKind.WEIGHTS:
             return make_reply(ReturnCode.BAD_TASK_DATA)
         current_round = shareable.get_header(AppConstants.CURRENT_ROUND)
+        if self._last_update is not None and self._last_update[0] == current_round:
+            # A masked round the server redoes without a site that dropped out: send the same
+            # update again (the mask filter masks it afresh). Training again would spend the
+            # privacy budget twice for one round and give the server two updates to compare.
+            self.log_info(fl_ctx, f"round {current_round}: train task again (the server redoes the round); "
+                                  f"resending this round's update")
+            return self._update_reply(fl_ctx, current_round, *self._last_update[1:])
         self._gate(fl_ctx, current_round, AppConstants.TASK_TRAIN)
+        try:
+            dp = self._dp_for_round(fl_ctx, shareable)  # plans the job's noise: fails when nothing is left
+            if dp is not None:
+                dp.check_budget()
+        except PrivacyBudgetExceeded as err:
+            # Decline: the reason goes to the server, nothing of the model does.
+            self.log_error(fl_ctx, f"round {current_round}: declining the train task: {err}")
+            reply = make_reply(ReturnCode.EXECUTION_RESULT_ERROR)
+            reply.set_header(DECLINE_HEADER, str(err))
+            return reply
         global_weights = {k: np.asarray(v) for k, v in incoming.data.items()}
         load_numpy_state(self.model, global_weights)
         # Metrics of the model as received: the server selects the best global model with them.
@@ -226,7 +255,15 @@ class SegExecutor(Executor):
         received_metrics = self._validate()
         validate_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        stats = train_epochs(self.model, self.train_loader, self.config, should_abort=lambda: abort_signal.triggered)
+        should_abort = lambda: abort_signal.triggered  # noqa: E731
+        if dp is None:
+            stats = train_epochs(self.model, self.train_loader, self.config, should_abort=should_abort)
+        else:
+            self.model.train()  # Opacus refuses a model left in eval mode by the validation above
+            optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr)
+            with dp.private_round(self.model, optimizer, self.train_loader, round_=current_round) as private:
+                stats = train_epochs(private.model, private.data_loader, self.config, optimizer=private.optimizer,
+                                     should_abort=should_abort)
         if stats["aborted"] or abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
         local = state_to_numpy(self.model)
@@ -239,12 +276,42 @@ class SegExecutor(Executor):
                 "train_seconds": time.perf_counter() - started, "validate_seconds": validate_seconds,
                 ROUND_META: current_round,
                 COHORT_META: dict(self._cohort_stats)}
-        result = DXO(DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
+        if dp is not None:
+            meta.update(dp.report())
+            meta[DP_SGD_EPSILON_ROUND] = dp.epsilon_of_round(stats["steps"])
+            self.log_info(fl_ctx, f"round {current_round}: DP-SGD epsilon {meta[DP_SGD_EPSILON_ROUND]:.3g} this round, "
+                                  f"{dp.epsilon():.3g} of {dp.target_epsilon:g} spent on study {self.study} "
+                                  f"(delta {dp.delta:.3g}, noise multiplier {dp.noise_multiplier:.3g})")
+        self._last_update = (current_round, diff, meta)
+        return self._update_reply(fl_ctx, current_round, diff, meta)
+
+    @staticmethod
+    def _update_reply(fl_ctx: FLContext, round_, diff: dict, meta: dict) -> Shareable:
+        result = DXO(DataKind.WEIGHT_DIFF, data=diff, meta=dict(meta)).to_shareable()
         # Result filters (DP accounting, the contribution record) need the round; the aggregator
         # tells updates apart by site name, which FLARE puts in the model's meta from this header.
-        result.set_header(AppConstants.CURRENT_ROUND, current_round)
+        result.set_header(AppConstants.CURRENT_ROUND, round_)
         result.set_header(FLMetaKey.SITE_NAME, fl_ctx.get_identity_name())
         return result
+
+    def _dp_for_round(self, fl_ctx: FLContext, shareable: Shareable) -> SiteDPSGD | None:
+        """The DP-SGD accountant for this round's cohort (a new one, re-planned, when consent
+        changes the cohort); None when the executor trains without DP-SGD."""
+        if self.dp_target_epsilon is None:
+            return None
+        if self._dp is None or self._dp.n_samples != self.n_train:
+            site = fl_ctx.get_identity_name()
+            num_rounds = shareable.get_header(AppConstants.NUM_ROUNDS)
+            if not num_rounds:
+                raise ConfigError(f"site {site}: DP-SGD plans its noise over the job's rounds, and the train "
+                                  f"task carries no '{AppConstants.NUM_ROUNDS}' header")
+            self._dp = SiteDPSGD(
+                budget_file=budget_file(default_privacy_dir(fl_ctx), study=self.study, site=site, mechanism="dp_sgd"),
+                n_samples=self.n_train, batch_size=self.batch_size, num_rounds=int(num_rounds),
+                local_epochs=self.local_epochs, target_epsilon=self.dp_target_epsilon, target_delta=self.dp_delta,
+                max_grad_norm=self.dp_max_grad_norm, accountant=self.dp_accountant,
+                job_id=str(fl_ctx.get_job_id()), site=site, study=self.study)
+        return self._dp
 
     def _validate_task(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         incoming = from_shareable(shareable)

@@ -44,7 +44,7 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 
 from clinfed.errors import ConfigError
-from clinfed.filters.update_dp import DP_DELTA, DP_EPSILON_TOTAL
+from clinfed.filters.update_dp import reported_spend
 from clinfed.ledger import Contribution, DuplicateRecord
 from clinfed.privacy.masking import MASKED_META_KEY
 
@@ -181,8 +181,7 @@ class ContributionRecorder(DXOFilter):
             raise ValueError(f"site {site}: the result carries no round number (header "
                              f"{AppConstants.CURRENT_ROUND} or meta {ROUND_META!r})")
         n_samples = dxo.get_meta_prop("n_samples", dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND))
-        epsilon = _metric(dxo.get_meta_prop(DP_EPSILON_TOTAL))
-        delta = _metric(dxo.get_meta_prop(DP_DELTA))
+        epsilon, delta = (_metric(v) for v in reported_spend(dxo.meta))
         contribution = Contribution(
             job_id=ledger_job_id(fl_ctx.get_job_id()), round=int(round_), site=site,
             update_sha256=update_sha256(dxo), n_samples=int(n_samples or 0),

@@ -10,14 +10,16 @@ show a result filter the task it answers, so the filter finds the context, in th
    filter under both ``task_data_filters`` and ``task_result_filters`` of the site's scope; on the
    way in it only records the context and changes nothing).
 
+Keys: the site's private key is its ``masking_key_file`` (:mod:`clinfed.site_config`) unless
+``private_key_file`` names one; peers' public keys come from the site's audit ledger, where each
+site registered its own (``clinfed keys register``), unless a key directory file or class is given.
+
 Example ``local/privacy.json`` scope (after the update-DP filter, if any)::
 
     "task_data_filters": [{"tasks": ["train"], "filters": [
-        {"path": "clinfed.filters.secure_mask.SecureMaskFilter",
-         "args": {"private_key_file": "masking_key.pem", "key_directory_file": "site_keys.json"}}]}],
+        {"path": "clinfed.filters.secure_mask.SecureMaskFilter", "args": {}}]}],
     "task_result_filters": [{"tasks": ["train"], "filters": [
-        {"path": "clinfed.filters.secure_mask.SecureMaskFilter",
-         "args": {"private_key_file": "masking_key.pem", "key_directory_file": "site_keys.json"}}]}]
+        {"path": "clinfed.filters.secure_mask.SecureMaskFilter", "args": {}}]}]
 """
 
 from __future__ import annotations
@@ -38,10 +40,12 @@ from nvflare.apis.shareable import Shareable
 
 from clinfed.privacy.accounting import default_privacy_dir
 from clinfed.privacy.errors import MaskingError
+from clinfed.site_config import site_files
 from clinfed.privacy.masking import (
     MASK_CONTEXT_KEY,
     MASKED_META_KEY,
     FileSiteKeyDirectory,
+    LedgerSiteKeyDirectory,
     MaskContext,
     SiteKeyDirectory,
     load_private_key,
@@ -83,10 +87,12 @@ class SecureMaskFilter(DXOFilter):
 
     Args:
         private_key_file: this site's X25519 private key (PKCS#8 PEM or 64 hex digits, mode 0600).
-            A relative path is taken from the site's ``local/`` folder.
+            A relative path is taken from the site's ``local/`` folder. Default: the site's
+            ``masking_key_file`` (:func:`clinfed.site_config.site_files`).
         key_directory_file: JSON ``{"site-1": "<public key hex>", ...}`` (``FileSiteKeyDirectory``);
-            relative to ``local/``. Give this or ``key_directory_class``.
-        key_directory_class: class path of a ``SiteKeyDirectory`` (e.g. the ledger-backed one).
+            relative to ``local/``. Default (neither this nor ``key_directory_class``): the keys
+            registered on the site's ledger (``LedgerSiteKeyDirectory``).
+        key_directory_class: class path of a ``SiteKeyDirectory``.
         key_directory_args: constructor arguments of ``key_directory_class``.
         min_participants: refuse to mask for fewer listed participants than this (a sum of two
             sites tells each the other's update once the global model is published).
@@ -97,16 +103,16 @@ class SecureMaskFilter(DXOFilter):
         data_kinds: DXO kinds to mask: ``WEIGHT_DIFF`` (default) and/or ``WEIGHTS``.
     """
 
-    def __init__(self, private_key_file: str, key_directory_file: str | None = None,
+    def __init__(self, private_key_file: str | None = None, key_directory_file: str | None = None,
                  key_directory_class: str | None = None, key_directory_args: dict | None = None,
                  min_participants: int = 2, weight_key: str = "n_samples", state_dir: str | None = None,
                  data_kinds: list[str] | None = None):
         super().__init__(supported_data_kinds=[DataKind.WEIGHT_DIFF, DataKind.WEIGHTS],
                          data_kinds_to_filter=data_kinds or [DataKind.WEIGHT_DIFF])
-        if not isinstance(private_key_file, str) or not private_key_file:
+        if private_key_file is not None and (not isinstance(private_key_file, str) or not private_key_file):
             raise ValueError("SecureMaskFilter: 'private_key_file' must be a path")
-        if (key_directory_file is None) == (key_directory_class is None):
-            raise ValueError("SecureMaskFilter: give exactly one of 'key_directory_file' and 'key_directory_class'")
+        if key_directory_file is not None and key_directory_class is not None:
+            raise ValueError("SecureMaskFilter: give at most one of 'key_directory_file' and 'key_directory_class'")
         if not isinstance(min_participants, int) or min_participants < 2:
             raise ValueError(f"SecureMaskFilter: 'min_participants' must be an integer >= 2, got {min_participants!r}")
         if key_directory_args is not None and not isinstance(key_directory_args, dict):
@@ -135,11 +141,24 @@ class SecureMaskFilter(DXOFilter):
         return Path(workspace.get_site_config_dir()) / candidate if workspace is not None else candidate
 
     def _keys(self, fl_ctx: FLContext):
+        site = fl_ctx.get_identity_name()
         if self._private_key is None:
-            self._private_key = load_private_key(self._site_path(fl_ctx, self.private_key_file))
+            if self.private_key_file is not None:
+                key_file = self._site_path(fl_ctx, self.private_key_file)
+            else:
+                key_file = site_files(site, fl_ctx.get_engine().get_workspace().get_site_config_dir()).masking_key_file
+            self._private_key = load_private_key(key_file)
         if self._directory is None:
             if self.key_directory_file is not None:
                 self._directory = FileSiteKeyDirectory(self._site_path(fl_ctx, self.key_directory_file))
+            elif self.key_directory_class is None:
+                from clinfed.audit import ledger_settings, shared_ledger
+
+                settings = ledger_settings(site, site_config_dir=fl_ctx.get_engine().get_workspace().get_site_config_dir())
+                if settings is None:
+                    raise MaskingError(f"site {site}: peers' masking keys are read from the ledger, and this site has "
+                                       f"no ledger configured; or give 'key_directory_file'")
+                self._directory = LedgerSiteKeyDirectory(shared_ledger(settings))
             else:
                 directory = _instantiate(self.key_directory_class, self.key_directory_args)
                 if not isinstance(directory, SiteKeyDirectory):

@@ -29,6 +29,7 @@ from clinfed.privacy.accounting import (
     default_privacy_dir,
     stored_delta,
 )
+from clinfed.privacy.dp_sgd import DP_SGD_DELTA, DP_SGD_EPSILON_TOTAL
 from clinfed.privacy.errors import PrivacyBudgetExceeded, PrivacyStateError
 
 DEFAULT_STUDY = "clinfed-tumour-seg"  # clinfed.data.profiles.STUDY_ID
@@ -40,6 +41,18 @@ DP_DETAILS = "dp_update"
 # Header of the error reply sent instead of an update when the budget is spent.
 DECLINE_HEADER = "clinfed_privacy_declined"
 MECHANISM = "update_dp"
+
+
+def reported_spend(meta: dict) -> tuple[float | None, float | None]:
+    """The study's (epsilon, delta) spent so far that a result reports: the update-DP filter's
+    total, the executor's DP-SGD total, or, when both ran, their sum (basic composition, an upper
+    bound). (None, None) when no DP mechanism ran."""
+    spends = [(meta.get(eps), meta.get(delta)) for eps, delta in
+              ((DP_EPSILON_TOTAL, DP_DELTA), (DP_SGD_EPSILON_TOTAL, DP_SGD_DELTA))]
+    spends = [(float(e), float(d)) for e, d in spends if isinstance(e, (int, float)) and isinstance(d, (int, float))]
+    if not spends:
+        return None, None
+    return sum(e for e, _ in spends), sum(d for _, d in spends)
 
 
 class UpdateDPFilter(DXOFilter):

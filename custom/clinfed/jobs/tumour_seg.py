@@ -7,6 +7,13 @@ The job records to the audit ledger: the server's ``LedgerRecorder`` writes each
 model and absences, each site's ``ContributionRecorder`` (a result filter on ``train``) its own
 contribution. Which ledger and identity is each participant's own configuration
 (:mod:`clinfed.audit`); the job names neither.
+
+Privacy (``privacy``): ``dp`` trains with DP-SGD at every site under a per-site budget for the
+study (``SegExecutor``'s ``dp_*`` arguments); ``mask`` sends pairwise-masked updates that the
+server can only sum (``SecureMaskFilter`` at the sites, ``MaskedFedAvg`` with its redo on a
+missing site at the server); ``dp+mask`` both. A masked job has no cross-site evaluation: it
+would send every site's local model in clear. Sites may impose more through their own privacy
+policy (``local/privacy.json``), whatever the job asks.
 """
 
 from __future__ import annotations
@@ -21,13 +28,17 @@ from nvflare.app_opt.pt.job_config.base_fed_job import BaseFedJob
 from nvflare.recipe.spec import Recipe
 
 from clinfed.aggregators.fedavg import WeightedFedAvg
+from clinfed.aggregators.masked_sum import MaskedFedAvg
 from clinfed.executors.seg_executor import SegExecutor
 from clinfed.filters.contribution_record import ContributionRecorder
+from clinfed.filters.secure_mask import SecureMaskFilter
 from clinfed.models.fusion_seg import FusionSegNet
+from clinfed.privacy import PRIVACY_MODES
 from clinfed.widgets.ledger_recorder import LedgerRecorder
 from clinfed.widgets.round_log import RoundLogWriter
 
 FEDAVG_JOB_NAME = "tumour_seg_fedavg"
+PRIVATE_JOB_NAME = "tumour_seg_private"
 # Classes outside clinfed. that our jobs use and FLARE's default allow-list lacks.
 EXTRA_ALLOWED_CLASSES = ("nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
                          "nvflare.app_opt.pt.file_model_locator.PTFileModelLocator")
@@ -47,24 +58,48 @@ class TumourSegFedAvgRecipe(Recipe):
         ledger_policy: outbox policy of the job's ledger records: ``async`` (training goes on
             while a record waits for the ledger) or ``strict`` (a round waits for its records);
             None keeps each participant's configured policy.
+        privacy: one of ``PRIVACY_MODES`` (see the module docstring).
+        dp_target_epsilon: each site's DP-SGD budget for the study (``dp`` modes).
+        dp_max_grad_norm: DP-SGD per-sample clipping bound.
+        mask_clip_range: the per-coordinate range of the updates in masked fixed point (``mask``
+            modes); larger values are clipped (the site logs how many).
+        mask_weight_bound: bound on the sum of the sites' ``n_samples`` in the first masked round.
     """
 
     def __init__(self, *, name: str = FEDAVG_JOB_NAME, min_clients: int = 3, num_rounds: int = 8,
                  local_epochs: int = 2, batch_size: int = 2, lr: float = 5e-3,
                  roi: tuple[int, int, int] = (32, 32, 16), cross_site_eval: bool = True,
-                 ledger_policy: str | None = None):
+                 ledger_policy: str | None = None, privacy: str = "none", dp_target_epsilon: float = 8.0,
+                 dp_max_grad_norm: float = 1.0, mask_clip_range: float = 0.5, mask_weight_bound: float = 1e4):
+        if privacy not in PRIVACY_MODES:
+            raise ValueError(f"privacy must be one of {', '.join(PRIVACY_MODES)}, got {privacy!r}")
+        dp, mask = privacy in ("dp", "dp+mask"), privacy in ("mask", "dp+mask")
         job = BaseFedJob(initial_model=FusionSegNet(), name=name, min_clients=min_clients, key_metric="dice")
-        job.to_server(FedAvg(num_clients=min_clients, num_rounds=num_rounds,
-                             persistor_id=job.comp_ids["persistor_id"], aggregator=WeightedFedAvg()))
+        persistor_id = job.comp_ids["persistor_id"]
+        if mask:
+            workflow = MaskedFedAvg(num_clients=min_clients, num_rounds=num_rounds, persistor_id=persistor_id,
+                                    clip_range=mask_clip_range, weight_bound=mask_weight_bound)
+        else:
+            workflow = FedAvg(num_clients=min_clients, num_rounds=num_rounds, persistor_id=persistor_id,
+                              aggregator=WeightedFedAvg())
+        job.to_server(workflow)
         job.to_server(RoundLogWriter(), id="round_log")
-        job.to_server(LedgerRecorder(persistor_id=job.comp_ids["persistor_id"], aggregation="weighted_fedavg",
+        job.to_server(LedgerRecorder(persistor_id=persistor_id,
+                                     aggregation="masked_weighted_fedavg" if mask else "weighted_fedavg",
                                      policy=ledger_policy), id="ledger_recorder")
-        if cross_site_eval:
+        if cross_site_eval and not mask:
             job.to_server(CrossSiteModelEval(model_locator_id=job.comp_ids["locator_id"]))
-        job.to_clients(SegExecutor(local_epochs=local_epochs, batch_size=batch_size, lr=lr, roi=list(roi)),
-                       tasks=["train", "validate", "submit_model"])
-        job.to_clients(ContributionRecorder(policy=ledger_policy), filter_type=FilterType.TASK_RESULT,
-                       tasks=[AppConstants.TASK_TRAIN])
+        dp_args = {"dp_target_epsilon": dp_target_epsilon, "dp_max_grad_norm": dp_max_grad_norm} if dp else {}
+        job.to_clients(SegExecutor(local_epochs=local_epochs, batch_size=batch_size, lr=lr, roi=list(roi), **dp_args),
+                       tasks=["train", "validate"] + ([] if mask else ["submit_model"]))
+        train = [AppConstants.TASK_TRAIN]
+        # Recorded before masking: the hash of the site's update is the same in every attempt of
+        # a masked round (a redo re-masks the same update).
+        job.to_clients(ContributionRecorder(policy=ledger_policy), filter_type=FilterType.TASK_RESULT, tasks=train)
+        if mask:
+            # On the way in it only notes the round's participant list; on the way out it masks.
+            job.to_clients(SecureMaskFilter(), filter_type=FilterType.TASK_DATA, tasks=train)
+            job.to_clients(SecureMaskFilter(), filter_type=FilterType.TASK_RESULT, tasks=train)
         # Installed packages: referenced by class path, never copied into app/custom (no BYOC).
         job.set_app_packages(["clinfed", "fhir_adapter"])
         super().__init__(job)
@@ -72,6 +107,7 @@ class TumourSegFedAvgRecipe(Recipe):
 
 def export_jobs(jobs_dir: Path) -> list[Path]:
     """Write every committed job folder under ``jobs_dir`` (the repository's ``jobs/``)."""
-    recipe = TumourSegFedAvgRecipe()
-    recipe.export(str(jobs_dir))
-    return [jobs_dir / recipe.name]
+    recipes = [TumourSegFedAvgRecipe(), TumourSegFedAvgRecipe(name=PRIVATE_JOB_NAME, privacy="dp+mask")]
+    for recipe in recipes:
+        recipe.export(str(jobs_dir))
+    return [jobs_dir / recipe.name for recipe in recipes]

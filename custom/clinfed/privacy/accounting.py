@@ -317,7 +317,6 @@ class PrivacyBudget:
         return total
 
 
-PRIVACY_DIR_NAME = "clinfed_privacy"
 
 
 def _safe_name(name: str) -> str:
@@ -342,6 +341,13 @@ def stored_delta(path: str | os.PathLike) -> float | None:
 
 
 def default_privacy_dir(fl_ctx) -> Path:
-    """``<site workspace root>/clinfed_privacy``: outside every job's run folder, so spend survives
-    jobs and restarts."""
-    return Path(fl_ctx.get_engine().get_workspace().get_root_dir()) / PRIVACY_DIR_NAME
+    """The site's ``privacy_dir`` (:func:`clinfed.site_config.site_files`); for a participant
+    without clinfed site files (no data of ours), ``<workspace root>/clinfed_privacy``. Outside
+    every job's run folder, so spend survives jobs and restarts."""
+    from clinfed.site_config import DATA_ROOT_ENV, PRIVACY_DIR_NAME, SITE_CONFIG_FILE, site_files
+
+    workspace = fl_ctx.get_engine().get_workspace()
+    local = Path(workspace.get_site_config_dir())
+    if not (local / SITE_CONFIG_FILE).is_file() and not os.environ.get(DATA_ROOT_ENV):
+        return Path(workspace.get_root_dir()) / PRIVACY_DIR_NAME
+    return site_files(fl_ctx.get_identity_name(), local).privacy_dir

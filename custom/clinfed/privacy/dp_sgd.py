@@ -35,6 +35,9 @@ from clinfed.privacy.accounting import (
 )
 from clinfed.privacy.errors import PrivacyBudgetExceeded, PrivacyStateError
 
+# Result meta keys of a DP-SGD round (see ``SiteDPSGD.report``).
+DP_SGD_EPSILON_TOTAL = "dp_sgd_epsilon_total"
+DP_SGD_DELTA = "dp_sgd_delta"
 # Modes whose hooks can sit on the caller's own module: its state_dict keys stay as they are.
 _HOOK_MODES = ("hooks", "functorch")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
@@ -228,7 +231,7 @@ class SiteDPSGD:
 
     def report(self) -> dict:
         """Figures for the result's meta and ``results.json``."""
-        return {"dp_sgd_epsilon_total": self.epsilon(), "dp_sgd_delta": self.delta,
+        return {DP_SGD_EPSILON_TOTAL: self.epsilon(), DP_SGD_DELTA: self.delta,
                 "dp_sgd_noise_multiplier": self.noise_multiplier, "dp_sgd_sample_rate": self.sample_rate,
                 "dp_sgd_target_epsilon": self.target_epsilon}
 

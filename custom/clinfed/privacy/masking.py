@@ -23,6 +23,7 @@ key derivation, and a site never masks twice under one (job, round, attempt).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -96,6 +97,30 @@ class FileSiteKeyDirectory:
         if not isinstance(content, dict) or not content:
             raise KeyDirectoryError(f"{self.path}: expected a JSON object mapping site name to public key hex")
         return {str(site): _parse_public_key(value, f"{self.path}: site {site!r}") for site, value in content.items()}
+
+
+class LedgerSiteKeyDirectory:
+    """Public keys as the sites registered them on the audit ledger (``RegisterSiteKey``, which
+    only the site itself may write): the coordinator relays updates but cannot swap a key.
+
+    Args:
+        ledger: a ``clinfed.ledger`` client (the site's own).
+    """
+
+    def __init__(self, ledger):
+        self.ledger = ledger
+
+    def public_keys(self) -> dict[str, bytes]:
+        keys = {}
+        for site, record in self.ledger.site_keys().items():
+            try:
+                raw = base64.b64decode(record.public_key, validate=True)
+            except (ValueError, TypeError) as err:
+                raise KeyDirectoryError(f"ledger: the registered key of site {site!r} is not base64") from err
+            keys[site] = _parse_public_key(raw.hex(), f"ledger: site {site!r}")
+        if not keys:
+            raise KeyDirectoryError("ledger: no site has registered a masking key (`clinfed keys register`)")
+        return keys
 
 
 def write_key_directory(path: str | os.PathLike, keys: Mapping[str, bytes]) -> None:

@@ -13,6 +13,8 @@ aggregation (rounds count from 0, as FLARE's ``current_round``).
 Events used: ``ROUND_STARTED`` (the round's expected sites: the clients connected then, or
 ``expected_sites``), ``AFTER_CONTRIBUTION_ACCEPT`` (who was accepted, their epsilon, and the
 canonical hash of the update as received, logged for comparison with the site's own record),
+``BEFORE_PROCESS_SUBMISSION`` (an error reply, e.g. a site declining because its privacy budget is
+spent: the workflow drops those before any accept event),
 ``AFTER_AGGREGATION`` (participants the aggregator used, method), ``AFTER_LEARNABLE_PERSIST``
 (hash and write), ``END_RUN`` (flush the outbox).
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from nvflare.apis.dxo import from_shareable
 from nvflare.apis.event_type import EventType
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.app_constant import AppConstants
@@ -33,7 +35,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
 from clinfed.filters.contribution_record import update_sha256
-from clinfed.filters.update_dp import DECLINE_HEADER, DP_EPSILON_TOTAL
+from clinfed.filters.update_dp import DECLINE_HEADER, reported_spend
 from clinfed.ledger import Absence, DuplicateRecord, GlobalModel, LedgerError, sha256_file
 
 _REASON_CHARS = re.compile(r"[^A-Za-z0-9 _.,:;()/-]+")
@@ -90,6 +92,8 @@ class LedgerRecorder(Widget):
                 self._round_started(fl_ctx)
             elif event_type == AppEventType.AFTER_CONTRIBUTION_ACCEPT:
                 self._contribution(fl_ctx)
+            elif event_type == EventType.BEFORE_PROCESS_SUBMISSION:
+                self._submission(fl_ctx)
             elif event_type == AppEventType.AFTER_AGGREGATION:
                 self._aggregated(fl_ctx)
             elif event_type == AppEventType.AFTER_LEARNABLE_PERSIST:
@@ -142,7 +146,7 @@ class LedgerRecorder(Widget):
             try:
                 dxo = from_shareable(result)
                 info["received_sha256"] = update_sha256(dxo)
-                info["epsilon"] = dxo.get_meta_prop(DP_EPSILON_TOTAL)
+                info["epsilon"] = reported_spend(dxo.meta)[0]
             except (ValueError, TypeError) as err:
                 self.log_warning(fl_ctx, f"round {round_}: cannot hash the update of {site}: {err}")
             self.log_info(fl_ctx, f"round {round_}: update of {site} received, sha256 "
@@ -157,8 +161,20 @@ class LedgerRecorder(Widget):
                     reason = "site declined: privacy budget spent"
                 elif rc and rc != ReturnCode.OK:
                     reason = f"site returned {rc}"
-            with self._lock:
-                self._refused.setdefault(round_, {})[site] = reason
+            with self._lock:  # the reason seen with the reply itself (``_submission``) stays
+                self._refused.setdefault(round_, {}).setdefault(site, reason)
+
+    def _submission(self, fl_ctx: FLContext) -> None:
+        """Note why a site's reply carries no update (the workflow never shows us error replies)."""
+        result = fl_ctx.get_prop(FLContextKey.TASK_RESULT)
+        peer = fl_ctx.get_peer_context()
+        if result is None or peer is None or result.get_return_code() in (None, ReturnCode.OK):
+            return
+        reason = (f"site declined: {result.get_header(DECLINE_HEADER)}" if result.get_header(DECLINE_HEADER)
+                  else f"site returned {result.get_return_code()}")
+        with self._lock:
+            if self._expected:
+                self._refused.setdefault(max(self._expected), {})[peer.get_identity_name()] = reason
 
     def _aggregated(self, fl_ctx: FLContext) -> None:
         result = fl_ctx.get_prop(AppConstants.AGGREGATION_RESULT)

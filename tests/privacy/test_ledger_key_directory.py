@@ -1,0 +1,52 @@
+"""Masking keys published on the ledger: each site registers its own; peers read them there."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+
+from clinfed import audit
+from clinfed.ledger import LedgerError, LocalLedger
+from clinfed.privacy.errors import KeyDirectoryError
+from clinfed.privacy.masking import LedgerSiteKeyDirectory, load_private_key, public_key_bytes
+
+SITES = ["site-1", "site-2", "site-3"]
+
+
+@pytest.fixture
+def ledger_path(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    audit.init_consortium(path, SITES)
+    return path
+
+
+def _as(ledger_path, participant):
+    return audit.ledger_settings(participant, ledger=ledger_path).open(outbox=False)
+
+
+def test_registered_keys_are_what_peers_read_and_registration_is_idempotent(ledger_path, tmp_path):
+    for site in SITES:
+        with _as(ledger_path, site) as ledger:
+            public, new = audit.register_masking_key(ledger, site, tmp_path / site / "masking_key.pem")
+            assert new
+            assert audit.register_masking_key(ledger, site, tmp_path / site / "masking_key.pem") == (public, False)
+        key_file = tmp_path / site / "masking_key.pem"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    with _as(ledger_path, "site-1") as ledger:
+        keys = LedgerSiteKeyDirectory(ledger).public_keys()
+    assert sorted(keys) == SITES
+    for site in SITES:
+        assert keys[site] == public_key_bytes(load_private_key(tmp_path / site / "masking_key.pem"))
+
+
+def test_a_site_cannot_register_a_key_for_another_site(ledger_path, tmp_path):
+    with _as(ledger_path, "site-2") as ledger, pytest.raises(LedgerError, match="site-1"):
+        audit.register_masking_key(ledger, "site-1", tmp_path / "stolen.pem")
+    with LocalLedger(ledger_path, audit.COORDINATOR_MSP) as ledger:
+        assert "site-1" not in ledger.site_keys()
+
+
+def test_no_registered_key_is_a_clear_error(ledger_path):
+    with _as(ledger_path, "site-1") as ledger, pytest.raises(KeyDirectoryError, match="clinfed keys register"):
+        LedgerSiteKeyDirectory(ledger).public_keys()
