@@ -42,7 +42,8 @@ from clinfed.training import (
     split_cases,
     train_epochs,
 )
-from clinfed.site_config import DATA_ROOT_ENV, MASKING_KEY_FILE
+from clinfed.errors import ClinfedError
+from clinfed.site_config import DATA_ROOT_ENV, MASKING_KEY_FILE, PRIVACY_DIR_NAME
 from clinfed.widgets.round_log import ROUND_LOG_FILE
 
 # Cross-site evaluation names the server's final global model by its file.
@@ -193,6 +194,19 @@ def verify_on_ledger(ledger_path: Path, job_id: str, model_file: Path, consents:
             "problems": list(result.job.problems)}
 
 
+def refuse_spent_budgets(data_dir: Path, sites: list[str]) -> None:
+    """A DP job plans to spend a site's whole budget for the study: a site whose folder already
+    records DP-SGD spend would decline every round, so say so before starting."""
+    from clinfed.data.profiles import STUDY_ID
+    from clinfed.privacy.accounting import budget_file
+
+    for site in sites:
+        spent = budget_file(data_dir / site / PRIVACY_DIR_NAME, study=STUDY_ID, site=site, mechanism="dp_sgd")
+        if spent.exists():
+            raise ClinfedError(f"{spent}: {site} already spent DP budget on study {STUDY_ID} in an earlier run, and "
+                               f"spent budget is never given back; run the demo with a fresh --out")
+
+
 def privacy_spend(ledger_path: Path, job_id: str, config: DemoConfig) -> dict:
     """Each site's epsilon spent on the study after this job, as its contributions recorded it
     on the ledger (None for a site without DP), and the delta of the guarantee."""
@@ -251,6 +265,8 @@ def run_demo(out_dir: Path, config: DemoConfig, log=print) -> dict:
         log(f"generating {config.sites} non-IID sites x {config.patients} patients in {data_dir}")
         synthesise(data_dir, config.sites, config.patients, config.shape, config.seed)
 
+    if "dp" in config.privacy:
+        refuse_spent_budgets(data_dir, names)
     train_by_site, val_by_site, reports = {}, {}, {}
     for name in names:
         ingestion = ingest_site(data_dir / name)
