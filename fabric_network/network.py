@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -33,11 +32,12 @@ from pathlib import Path
 
 import yaml
 
+from clinfed.audit import COORDINATOR, msp_id_for  # one naming convention for MSP IDs: clinfed's
+
 REPO = Path(__file__).resolve().parents[1]
 INSTALL_SCRIPT = Path(__file__).resolve().parent / "install.sh"
 DEFAULT_VERSION = "v3.1.5"
 DEFAULT_SITES = ("site-1", "site-2", "site-3")
-COORDINATOR = "coordinator"
 CONTRACT_LABEL = "clinfed_1.0"
 HOST = "127.0.0.1"
 SANS = [HOST, "localhost"]
@@ -48,14 +48,6 @@ ENDORSEMENT_POLICIES = ("majority", "any2")
 
 class FabricNetworkError(Exception):
     """A step of bringing the network up or down failed; the message says which and where the log is."""
-
-
-def msp_id_for(participant: str) -> str:
-    """``site-1`` -> ``Site1MSP``, ``coordinator`` -> ``CoordinatorMSP`` (clinfed.audit's convention)."""
-    parts = [p for p in re.split(r"[^A-Za-z0-9]+", participant) if p]
-    if not parts:
-        raise FabricNetworkError(f"participant name {participant!r} has no letters or digits")
-    return "".join(p[:1].upper() + p[1:] for p in parts) + "MSP"
 
 
 def org_name_for(participant: str) -> str:
