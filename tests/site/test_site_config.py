@@ -1,0 +1,45 @@
+"""Where a site's data and secrets are found: its clinfed_site.json, or the simulator's data root."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clinfed.errors import ConfigError
+from clinfed.site_config import DATA_ROOT_ENV, site_files
+
+
+def test_site_config_file_paths_relative_to_local(tmp_path, monkeypatch):
+    monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
+    local = tmp_path / "site-1" / "local"
+    local.mkdir(parents=True)
+    (local / "clinfed_site.json").write_text(json.dumps({"data_dir": "/data/site-1", "secret_file": "/s/key"}))
+    files = site_files("site-1", local)
+    assert str(files.data_dir) == "/data/site-1" and str(files.secret_file) == "/s/key"
+    assert files.masking_key_file == local / "masking_key.pem"
+    # Privacy state outlives jobs: next to the workspace's local/, never inside a run folder.
+    assert files.privacy_dir.resolve() == (tmp_path / "site-1" / "clinfed_privacy").resolve()
+
+
+def test_simulator_site_keeps_secrets_and_privacy_state_in_its_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path / "data"))
+    files = site_files("site-2", tmp_path / "nowhere")
+    assert files.data_dir == tmp_path / "data" / "site-2"
+    assert files.masking_key_file.parent == files.data_dir == files.privacy_dir.parent
+
+
+@pytest.mark.parametrize("content, message", [("{not json", "not readable JSON"),
+                                              ('{"secret_file": "x"}', "'data_dir' is missing")])
+def test_bad_site_config_names_the_file_and_the_problem(tmp_path, monkeypatch, content, message):
+    monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
+    (tmp_path / "clinfed_site.json").write_text(content)
+    with pytest.raises(ConfigError, match=message) as err:
+        site_files("site-1", tmp_path)
+    assert "clinfed_site.json" in str(err.value)
+
+
+def test_no_config_and_no_data_root_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
+    with pytest.raises(ConfigError, match=DATA_ROOT_ENV):
+        site_files("site-3", tmp_path)
