@@ -206,16 +206,16 @@ def test_mr_is_stored_as_uint16_without_rescale(tmp_path):
     np.testing.assert_array_equal(ds.pixel_array, study.volume[:, :, 0].T)
 
 
-def test_mr_negative_noise_is_clipped_to_zero_and_values_rounded(tmp_path):
+def test_mr_values_are_rounded_and_negative_ones_refused(tmp_path):
     volume = np.full(SHAPE, 100.4)
-    volume[0, 0, 0] = -7.0
-    files = write_series(volume, tmp_path / "mr", patient=make_patient("neg"), profile=MR_PROFILE)
-
-    array = read_series(tmp_path / "mr").array
-
+    files = write_series(volume, tmp_path / "mr", patient=make_patient("mr"), profile=MR_PROFILE)
     assert len(files) == SHAPE[2]
-    assert array[0, 0, 0] == 0.0
-    assert array[1, 0, 0] == 100.0
+    assert read_series(tmp_path / "mr").array[1, 0, 0] == 100.0
+
+    # uint16 storage would wrap -7 to 65529: a magnitude image has no negative values.
+    volume[0, 0, 0] = -7.0
+    with pytest.raises(ValueError, match=r"\[0, 65535\]"):
+        write_series(volume, tmp_path / "neg", patient=make_patient("neg"), profile=MR_PROFILE)
 
 
 def test_ct_values_outside_int16_storage_are_refused(tmp_path):

@@ -100,11 +100,9 @@ def _stored_values(volume: np.ndarray, modality: str) -> tuple[np.ndarray, dict]
             "RescaleSlope": "1",
             "RescaleType": "HU",
         }
-    # MR magnitude images are non-negative by physics; negative values only come from the
-    # synthetic Gaussian noise, so they are clipped like a scanner's magnitude reconstruction.
-    values = np.clip(values, 0, None)
-    if values.max() > np.iinfo(np.uint16).max:
-        raise ValueError("MR values must be at most 65535 to fit uint16 storage")
+    if values.max() > np.iinfo(np.uint16).max or values.min() < 0:
+        raise ValueError(f"MR values must be within [0, 65535] to fit uint16 storage, got "
+                         f"[{values.min():.0f}, {values.max():.0f}]")
     return values.astype(np.uint16), {}
 
 

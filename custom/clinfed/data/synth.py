@@ -70,6 +70,8 @@ def _volume_and_label(rng: np.random.Generator, shape: tuple[int, int, int], pro
     volume[organ] = profile.organ
     volume[label == 1] = profile.organ + profile.lesion_contrast * (1.0 + 0.35 * enhancement)
     volume += rng.normal(0.0, profile.noise_std, size=shape).astype(np.float32)
+    if profile.modality == "MR":
+        np.maximum(volume, 0.0, out=volume)  # MR magnitude images are never negative
     # Stored DICOM values are integers; round here so a read-back is voxel-identical.
     return np.round(volume).astype(np.float32), label
 
