@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from clinfed.errors import ClinfedError, FhirInputError
+from clinfed.consortium.cli import add_consortium_commands
 from clinfed.privacy import PRIVACY_MODES
 
 
@@ -319,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = jobs.add_parser("export", help="export the Python job definitions into job folders")
     export.add_argument("--jobs-dir", type=Path, default=Path("jobs"))
     export.set_defaults(func=cmd_jobs_export)
+
+    add_consortium_commands(sub)
     return parser
 
 
