@@ -31,7 +31,7 @@ def write_consortium(path: Path, raw: dict) -> Path:
 
 
 def export_private_job(jobs_dir: Path, name: str = "tiny_private", num_rounds: int = 2,
-                       scope: str | None = "strict") -> Path:
+                       scope: str | None = "strict", num_clients: int = 2, train_timeout: int = 0) -> Path:
     """A tiny private job: the server sums masked updates (``MaskedFedAvg``); the job asks for the
     sites' ``strict`` scope, so each site's own policy applies update-level DP and masking."""
     from nvflare.app_common.app_constant import AppConstants
@@ -47,8 +47,8 @@ def export_private_job(jobs_dir: Path, name: str = "tiny_private", num_rounds: i
     job = BaseFedJob(initial_model=FusionSegNet(), name=name, min_clients=2, key_metric="dice")
     persistor_id = job.comp_ids["persistor_id"]
     # DP noise (sigma * C = 0.5 per coordinate) must fit in the masking range.
-    job.to_server(MaskedFedAvg(num_clients=2, num_rounds=num_rounds, persistor_id=persistor_id, clip_range=8.0,
-                               weight_bound=1e3))
+    job.to_server(MaskedFedAvg(num_clients=num_clients, num_rounds=num_rounds, persistor_id=persistor_id,
+                               clip_range=8.0, weight_bound=1e3, train_timeout=train_timeout))
     job.to_server(LedgerRecorder(persistor_id=persistor_id, aggregation="masked_weighted_fedavg"),
                   id="ledger_recorder")
     job.to_clients(SegExecutor(local_epochs=1, batch_size=2, lr=2e-3, roi=list(ROI)), tasks=["train", "validate"])
@@ -66,6 +66,19 @@ def export_plain_job(jobs_dir: Path, name: str = "tiny_plain", num_rounds: int =
                                    roi=ROI, cross_site_eval=False)
     recipe.export(str(jobs_dir))
     return set_scope(jobs_dir / name, scope)
+
+
+def admin_console(kit: Path, username: str, commands: list[str], timeout: float = 120.0) -> str:
+    """Run FLARE's admin console from an admin's startup kit (``startup/fl_admin.sh``), typing the
+    user name and ``commands``; returns what it printed."""
+    import subprocess
+
+    from clinfed.consortium.provision import tool_env
+
+    script = "\n".join([username, *commands, "bye"]) + "\n"
+    proc = subprocess.run(["bash", str(Path(kit) / "startup" / "fl_admin.sh")], input=script, text=True,
+                          capture_output=True, cwd=kit, env=tool_env(), timeout=timeout)
+    return proc.stdout + proc.stderr
 
 
 def set_scope(job_dir: Path, scope: str | None) -> Path:

@@ -96,6 +96,18 @@ def test_project_yml_has_every_participant_with_its_org_and_role():
         "WorkspaceBuilder", "StaticFileBuilder", "CertBuilder", "SignatureBuilder"]
 
 
+def test_server_outcome_wait_goes_to_the_server_environment():
+    from clinfed.consortium.provision import server_env
+
+    c = load_consortium(CONSORTIUM_YML)
+    assert c.coordinator.client_outcome_wait_timeout == 120
+    assert server_env(c) == {"NVFLARE_CLIENT_OUTCOME_WAIT_TIMEOUT": "120.0"}
+    bad = _mutated(lambda r: r["coordinator"].update(client_outcome_wait_timeout=0))
+    with pytest.raises(ConsortiumError) as info:
+        parse_consortium(bad)
+    assert info.value.field == "coordinator.client_outcome_wait_timeout"
+
+
 def test_authorization_refuses_byoc_to_everyone_and_submission_to_members():
     permissions = local_files.authorization()["permissions"]
     assert set(permissions) == {"project_admin", "org_admin", "lead", "member"}

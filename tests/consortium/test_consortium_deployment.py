@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from consortium_helpers import (CONSORTIUM_YML, LEAD, MEMBER, export_plain_job, export_private_job, free_port)
+from consortium_helpers import (CONSORTIUM_YML, LEAD, MEMBER, admin_console, consortium_dict, export_plain_job,
+                                export_private_job, free_port, write_consortium)
 
 from clinfed import audit
 from clinfed.consortium import trial
@@ -22,6 +23,8 @@ from clinfed.consortium.cli import add_consortium_commands
 from clinfed.consortium.provision import load_state
 
 SITES = ["site-1", "site-2"]
+# After the last round the server waits this long for a stopped site's end-of-run report.
+OUTCOME_WAIT = 15
 pytestmark = pytest.mark.timeout(900)
 
 
@@ -53,17 +56,20 @@ def consortium(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("consortium")
     out, data = root / "trial", root / "data"
-    synthesise(data, len(SITES), 6, (32, 32, 16), 1)
+    synthesise(data, 3, 6, (32, 32, 16), 1)
+    definition = consortium_dict()
+    definition["coordinator"]["client_outcome_wait_timeout"] = OUTCOME_WAIT
+    consortium_yml = write_consortium(root / "consortium.yml", definition)
     started = time.monotonic()
     parser = argparse.ArgumentParser()
     add_consortium_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["consortium", "provision", str(CONSORTIUM_YML), "--out", str(out), "--data-root",
+    args = parser.parse_args(["consortium", "provision", str(consortium_yml), "--out", str(out), "--data-root",
                               str(data), "--port", str(free_port()), "--json"])
     assert args.func(args) == 0
     provision_seconds = time.monotonic() - started
     state = load_state(out)
     # Each site publishes its patients' consents to the ledger, as itself.
-    for site in SITES:
+    for site in [*SITES, "site-3"]:
         with _site_ledger(state, site) as ledger:
             assert audit.sync_consents(data / site, ledger, site).active > 0
     try:
@@ -130,10 +136,17 @@ def test_private_job_through_the_flare_api_and_each_site_verifies_it(consortium,
 
 
 def test_job_naming_a_scope_the_site_lacks_is_refused_at_deploy(consortium, tmp_path, capsys):
-    out = consortium["out"]
+    """Submitted from the admin console this time (``submit_job`` typed at the prompt)."""
+    out, state = consortium["out"], consortium["state"]
     # site-1 defines only "strict": a job asking for "public" is refused there.
     job_dir = export_plain_job(tmp_path / "jobs", name="tiny_public", scope="public")
-    job_id, meta, _ = _run(out, job_dir, timeout=120)
+    printed = admin_console(Path(state["kits"][LEAD]), LEAD, [f"submit_job {job_dir}"])
+    submitted = re.search(r"Submitted job: ([0-9a-f-]{36})", printed)
+    assert submitted, printed
+    job_id = submitted.group(1)
+    with trial.admin_session(out) as session:
+        session.monitor_job(job_id, timeout=120, poll_interval=1.0)
+        meta = session.get_job_meta(job_id)
     assert meta["status"] == "FINISHED:FAILED_TO_RUN"
     assert "site-1: NVFLARE_ERROR: privacy scope 'public' is not allowed" in meta["job_deploy_detail"]
     assert "site-2: OK" in meta["job_deploy_detail"]
@@ -192,3 +205,31 @@ def test_site_provisioned_elsewhere_cannot_connect(consortium, tmp_path):
             assert trial.connected_sites(session) == SITES
     finally:
         trial.stop_participant(outsider.pid)
+
+
+def test_site_stopped_mid_job_the_others_finish_and_the_ledger_shows_the_absence(consortium, tmp_path):
+    """site-3 joins, trains round 0, and is stopped; the masked round 1 misses its update, is redone
+    with site-1 and site-2 (min 2), and the ledger records site-3 as absent."""
+    out, state = consortium["out"], consortium["state"]
+    trial.up(out, sites=[*SITES, "site-3"], timeout=120)
+    job_dir = export_private_job(tmp_path / "jobs", name="tiny_dropout", num_rounds=2, num_clients=3,
+                                 train_timeout=20)
+    with trial.admin_session(out) as session:
+        started = time.monotonic()
+        job_id = session.submit_job(str(job_dir))
+        with _site_ledger(state, audit.COORDINATOR) as ledger:
+            while not audit.models(ledger, job_id):
+                assert time.monotonic() - started < 300, "round 0 never finished"
+                time.sleep(0.5)
+        trial.down(out, ["site-3"])
+        session.monitor_job(job_id, timeout=420, poll_interval=1.0)
+        meta = session.get_job_meta(job_id)
+    assert meta["status"] == "FINISHED:COMPLETED", trial.status_text(trial.status(out, query_server=False))
+    with _site_ledger(state, "site-2") as ledger:
+        rounds = audit.models(ledger, job_id)
+        verified = audit.verify(ledger, job_id)
+    assert verified.ok, verified.job.problems
+    assert rounds[0]["participants"] == ["site-1", "site-2", "site-3"] and rounds[0]["absent"] == []
+    assert rounds[1]["participants"] == ["site-1", "site-2"]
+    assert [a["site"] for a in rounds[1]["absent"]] == ["site-3"]
+    print(f"dropout job: submit to finished {time.monotonic() - started:.1f} s")

@@ -91,6 +91,9 @@ class Coordinator:
     host: str            # what clients and admins dial
     fed_learn_port: int
     admin_port: int
+    # Seconds the server waits, after a job's last round, for every deployed site to report its
+    # end of run; a site that died mid-job holds the job in RUNNING this long (FLARE: 900).
+    client_outcome_wait_timeout: float | None = None
 
     @property
     def msp_id(self) -> str:
@@ -228,7 +231,9 @@ def parse_consortium(raw: Any, source: str = "consortium.yml") -> Consortium:
     where = "coordinator"
     coord = r.mapping(raw.get("coordinator"), where) if raw.get("coordinator") is not None else r.fail(
         where, "is missing")
-    r.unknown(coord, {"name", "org", "host", "fed_learn_port", "admin_port"}, where)
+    r.unknown(coord, {"name", "org", "host", "fed_learn_port", "admin_port", "client_outcome_wait_timeout"}, where)
+    outcome_wait = (r.number(coord, "client_outcome_wait_timeout", where, 900.0)
+                    if coord.get("client_outcome_wait_timeout") is not None else None)
     port = r.number(coord, "fed_learn_port", where, 8002, integer=True)
     admin_port = r.number(coord, "admin_port", where, port, integer=True)
     for key, value in (("fed_learn_port", port), ("admin_port", admin_port)):
@@ -236,7 +241,8 @@ def parse_consortium(raw: Any, source: str = "consortium.yml") -> Consortium:
             r.fail(f"{where}.{key}", f"must be a TCP port (1-65535), got {value}")
     coordinator = Coordinator(name=r.text(coord, "name", where, pattern=_flare_pattern("server"), what="server name (a host name)"),
                               org=org_of(coord, where), host=r.text(coord, "host", where, default="localhost", pattern=_flare_pattern("host_name"), what="host name"),
-                              fed_learn_port=port, admin_port=admin_port)
+                              fed_learn_port=port, admin_port=admin_port,
+                              client_outcome_wait_timeout=outcome_wait)
 
     sites: list[Site] = []
     msp_ids: dict[str, str] = {}

@@ -196,11 +196,22 @@ def provision(consortium_file: str | Path, out: str | Path, *, data_root: str | 
              "leads": [a.name for a in consortium.leads], "prod_dir": str(prod),
              "kits": {k: str(v) for k, v in kits.items()},
              "ledger": str(ledger_file) if ledger_file else None,
-             "server_storage": str(out / "server-storage")}
+             "server_storage": str(out / "server-storage"),
+             # FLARE reads it only from the server's environment or command line (read before
+             # resources.json is merged in): `up` exports it for the server process.
+             "server_env": server_env(consortium)}
     local_files.write_json(out / STATE_FILE, state)
     seconds = time.perf_counter() - started
     log(f"provisioned {consortium.name} into {out} in {seconds:.1f} s")
     return ProvisionResult(out, consortium, kits, seconds, ledger_file, state)
+
+
+def server_env(consortium: Consortium) -> dict[str, str]:
+    """Environment variables the server process needs for the definition's server settings."""
+    env = {}
+    if consortium.coordinator.client_outcome_wait_timeout is not None:
+        env["NVFLARE_CLIENT_OUTCOME_WAIT_TIMEOUT"] = str(consortium.coordinator.client_outcome_wait_timeout)
+    return env
 
 
 def init_local_ledger(ledger_file: Path, consortium: Consortium, public_keys: dict[str, bytes]) -> None:

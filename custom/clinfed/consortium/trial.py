@@ -36,7 +36,9 @@ FAILURE_PATTERNS = [
      "the job names a privacy scope this site does not define (local/privacy.json)"),
     ("byoc", re.compile(r"[^\n]*(?:byoc|BYOC)[^\n]*not authorized[^\n]*|[^\n]*not authorized for 'byoc'[^\n]*"),
      "the job carries custom code (app/custom) and BYOC is refused"),
-    ("privacy_refused", re.compile(r"[^\n]*(?:MaskingError|PrivacyBudgetExceeded|strict privacy scope)[^\n]*"),
+    ("privacy_budget", re.compile(r"[^\n]*(?:PrivacyBudgetExceeded|declines the update)[^\n]*"),
+     "the site's privacy budget for the study is spent: it declines to release more updates"),
+    ("privacy_refused", re.compile(r"[^\n]*(?:MaskingError|strict privacy scope)[^\n]*"),
      "the site's privacy policy refused to release an update"),
     ("filter_error", re.compile(r"[^\n]*Processing error in Task Result Filter[^\n]*"),
      "a task result filter failed at the site"),
@@ -44,6 +46,10 @@ FAILURE_PATTERNS = [
     ("execution_exception", re.compile(r"[^\n]*EXECUTION_EXCEPTION[^\n]*"),
      "a task raised at a site (traceback below)"),
 ]
+
+
+# FLARE's log context ("[identity=site-1, run=..., task_id=...] - "): noise in a one-line cause.
+_CONTEXT = re.compile(r"\[identity=[^\]]*\] - ")
 
 
 class TrialError(ClinfedError):
@@ -161,7 +167,8 @@ def up(out: str | Path, sites: list[str] | None = None, timeout: float = 180.0, 
         if name in running:
             log(f"{name} already runs (pid {running[name]})")
             continue
-        proc = start_participant(out, Path(state["kits"][name]), name, env)
+        proc = start_participant(out, Path(state["kits"][name]), name,
+                                 {**env, **state.get("server_env", {})} if name == state["server"] else env)
         running[name] = proc.pid
         log(f"started {name} (pid {proc.pid})")
         _process_file(out).write_text(json.dumps(running, indent=2))
@@ -286,7 +293,7 @@ def failure_causes(state: dict, job_id: str, deploy_detail=None, max_lines: int 
         cause = None
         for kind, pattern, why in FAILURE_PATTERNS:
             for log_file, text in texts:
-                found = list(dict.fromkeys(m.group(0).strip() for m in pattern.finditer(text)))
+                found = list(dict.fromkeys(_CONTEXT.sub("", m.group(0)).strip() for m in pattern.finditer(text)))
                 if found:
                     cause = {"participant": name, "kind": kind, "explanation": why, "evidence": found[:max_lines],
                              "log": str(log_file)}
@@ -343,6 +350,8 @@ def status(out: str | Path, query_server: bool = True) -> dict:
                "submit_time": meta.get("submit_time_iso"), "duration": meta.get("duration")}
         if meta.get("job_deploy_detail"):
             job["deploy_detail"] = meta["job_deploy_detail"]
+        if job["status"] in ("RUNNING", "DISPATCHED") and not processes[state["server"]]["running"]:
+            job["status"] = f"{job['status']} (as last recorded; the server is not running)"
         if str(meta.get("status", "")).upper() in FAILED_STATUSES or "ABNORMAL" in str(meta.get("status", "")) \
                 or "EXCEPTION" in str(meta.get("status", "")):
             job["causes"] = failure_causes(state, job_id, meta.get("job_deploy_detail"))
