@@ -58,6 +58,19 @@ def export_private_job(jobs_dir: Path, name: str = "tiny_private", num_rounds: i
     return set_scope(jobs_dir / name, scope)
 
 
+def export_tumour_seg_private(jobs_dir: Path, name: str = "tiny_tumour_seg_private", num_rounds: int = 2,
+                              scope: str | None = None) -> Path:
+    """A tiny variant of ``jobs/tumour_seg_private`` (the same recipe, ``privacy="dp+mask"``): DP-SGD
+    in the executor, the job's own masking filters, ``MaskedFedAvg`` at the server."""
+    from clinfed.jobs.tumour_seg import TumourSegFedAvgRecipe
+
+    # The range covers a strict site's update-level DP noise (sigma * C = 0.5 per coordinate).
+    recipe = TumourSegFedAvgRecipe(name=name, min_clients=2, num_rounds=num_rounds, local_epochs=1, batch_size=2,
+                                   roi=ROI, privacy="dp+mask", mask_clip_range=4.0, mask_weight_bound=1e3)
+    recipe.export(str(jobs_dir))
+    return set_scope(jobs_dir / name, scope)
+
+
 def export_plain_job(jobs_dir: Path, name: str = "tiny_plain", num_rounds: int = 1, scope: str | None = None) -> Path:
     """The plain FedAvg job (no privacy filters of its own), tiny."""
     from clinfed.jobs.tumour_seg import TumourSegFedAvgRecipe

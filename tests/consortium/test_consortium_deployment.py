@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from consortium_helpers import (CONSORTIUM_YML, LEAD, MEMBER, admin_console, consortium_dict, export_plain_job,
-                                export_private_job, free_port, write_consortium)
+                                export_private_job, export_tumour_seg_private, free_port, write_consortium)
 
 from clinfed import audit
 from clinfed.consortium import trial
@@ -105,8 +105,11 @@ def test_provisioned_kits_hold_the_site_policies(consortium):
 
 
 def test_private_job_through_the_flare_api_and_each_site_verifies_it(consortium, tmp_path, capsys):
+    """A tiny ``jobs/tumour_seg_private`` (DP-SGD, the job's own masking, masked sum at the server),
+    naming no scope: site-1 adds its strict scope (update-level DP + masking) on top, site-2 runs
+    the job as it is (public)."""
     out, state = consortium["out"], consortium["state"]
-    job_dir = export_private_job(tmp_path / "jobs", num_rounds=2, scope="strict")
+    job_dir = export_tumour_seg_private(tmp_path / "jobs", num_rounds=2)
     job_id, meta, seconds = _run(out, job_dir)
     assert meta["status"] == "FINISHED:COMPLETED", trial.status_text(trial.status(out, query_server=False))
 
@@ -124,15 +127,30 @@ def test_private_job_through_the_flare_api_and_each_site_verifies_it(consortium,
         rows = audit.contributions(ledger, job_id)
     assert sorted((r["round"], r["site"]) for r in rows) == [(0, "site-1"), (0, "site-2"), (1, "site-1"),
                                                              (1, "site-2")]
-    # The strict scope ran at both sites: DP spend recorded, hash of the masked bytes.
-    assert all(r.get("epsilon") and r.get("hash_stage") == "after_masking" for r in rows), rows
+    assert all(r.get("epsilon") for r in rows), rows  # DP spend recorded at both sites
+    # site-1's strict scope masked the update before the job's recorder hashed it.
+    assert {r["hash_stage"] for r in rows if r["site"] == "site-1"} == {"after_masking"}, rows
+    site1_log = "\n".join(p.read_text(errors="replace") for p in (Path(state["kits"]["site-1"]) / job_id).rglob("log.txt"))
+    assert "UpdateDPFilter" in site1_log and "masked update for round 1" in site1_log
 
-    server_log = (result_dir / "workspace" / "log.txt").read_text(errors="replace")
-    round_starts = [line for line in server_log.splitlines() if re.search(r"Round \d+ started", line)]
     report = json.loads(_cli("consortium", "status", str(out), "--json", capsys=capsys))
     assert report["connected_sites"] == SITES
     assert any(j["job_id"] == job_id and j["status"] == "FINISHED:COMPLETED" for j in report["jobs"])
-    print(f"private job, 2 rounds: submit to finished {seconds:.1f} s; {len(round_starts)} round starts logged")
+    print(f"tiny tumour_seg_private, 2 rounds: submit to finished {seconds:.1f} s")
+
+
+def test_job_asking_for_the_strict_scope_gets_it_at_every_site(consortium, tmp_path):
+    """A job that asks for ``strict`` (meta ``scope``) and has no privacy filters of its own: both
+    sites apply update-level DP and masking from their own policy; the server sums masked updates."""
+    out, state = consortium["out"], consortium["state"]
+    job_dir = export_private_job(tmp_path / "jobs", num_rounds=1, scope="strict")
+    job_id, meta, _ = _run(out, job_dir)
+    assert meta["status"] == "FINISHED:COMPLETED", trial.status_text(trial.status(out, query_server=False))
+    with _site_ledger(state, "site-2") as ledger:
+        rows = audit.contributions(ledger, job_id)
+        assert audit.verify(ledger, job_id).ok
+    assert sorted(r["site"] for r in rows) == SITES
+    assert all(r.get("epsilon") and r["hash_stage"] == "after_masking" for r in rows), rows
 
 
 def test_job_naming_a_scope_the_site_lacks_is_refused_at_deploy(consortium, tmp_path, capsys):
