@@ -174,6 +174,27 @@ def test_job_naming_a_scope_the_site_lacks_is_refused_at_deploy(consortium, tmp_
     assert "the job names a privacy scope this site does not define" in text
 
 
+def test_component_off_the_allow_list_is_refused_and_status_says_why(consortium, tmp_path):
+    """A non-BYOC job that asks a site to run a subprocess launcher: the sites refuse the
+    component (deploy says OK, the job ends ABNORMAL); ``status`` shows the cause from the site logs."""
+    out = consortium["out"]
+    job_dir = export_plain_job(tmp_path / "jobs", name="tiny_launcher", scope="strict")
+    client_config = job_dir / "app" / "config" / "config_fed_client.json"
+    config = json.loads(client_config.read_text())
+    config.setdefault("components", []).append(
+        {"id": "launcher", "path": "nvflare.app_common.launchers.subprocess_launcher.SubprocessLauncher",
+         "args": {"script": "bash -c id"}})
+    client_config.write_text(json.dumps(config, indent=2))
+    job_id, meta, _ = _run(out, job_dir, timeout=180)
+    assert meta["status"] == "FINISHED:ABNORMAL"
+    job = next(j for j in trial.status(out, query_server=False)["jobs"] if j["job_id"] == job_id)
+    refused = {c["participant"]: c for c in job["causes"] if c["kind"] == "allow_list"}
+    assert set(refused) == set(SITES), job["causes"]
+    assert re.search(r"SubprocessLauncher' at config path 'components\.#\d+' is not in allow_list",
+                     refused["site-1"]["evidence"][0]), refused["site-1"]["evidence"]
+    assert "not on this participant's class allow-list" in trial.status_text(trial.status(out, query_server=False))
+
+
 def test_member_cannot_submit(consortium, tmp_path):
     from nvflare.fuel.flare_api.api_spec import AuthorizationError
 

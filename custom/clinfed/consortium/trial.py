@@ -294,6 +294,9 @@ def failure_causes(state: dict, job_id: str, deploy_detail=None, max_lines: int 
         for kind, pattern, why in FAILURE_PATTERNS:
             for log_file, text in texts:
                 found = list(dict.fromkeys(_CONTEXT.sub("", m.group(0)).strip() for m in pattern.finditer(text)))
+                # Log lines before quoted source lines of a traceback ("raise X(f'...')").
+                found = sorted(found, key=lambda line: (not re.match(r"\d{4}-\d\d-\d\d ", line),
+                                                        bool(re.search(r"\(f?[\"']|^raise ", line))))
                 if found:
                     cause = {"participant": name, "kind": kind, "explanation": why, "evidence": found[:max_lines],
                              "log": str(log_file)}
