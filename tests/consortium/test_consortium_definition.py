@@ -200,3 +200,13 @@ def test_fabric_ledger_needs_each_participants_peer():
     with pytest.raises(ConsortiumError) as info:
         parse_consortium(raw)
     assert info.value.field == "ledger.participants.site-2"
+
+
+def test_cli_refuses_a_bad_definition_with_exit_2(tmp_path, capsys):
+    from clinfed.cli import main
+
+    path = write_consortium(tmp_path / "c.yml", _mutated(lambda r: r["sites"][0]["privacy"]["budget"].update(
+        target_epsilon=-1)))
+    assert main(["consortium", "provision", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "field 'sites[0].privacy.budget.target_epsilon': must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -133,6 +133,15 @@ def test_private_job_through_the_flare_api_and_each_site_verifies_it(consortium,
     site1_log = "\n".join(p.read_text(errors="replace") for p in (Path(state["kits"]["site-1"]) / job_id).rglob("log.txt"))
     assert "UpdateDPFilter" in site1_log and "masked update for round 1" in site1_log
 
+    # The site operator's command, with the site's own configuration and identity.
+    from clinfed.cli import main
+
+    capsys.readouterr()
+    site_config = Path(state["kits"]["site-2"]) / "local" / "clinfed_site.json"
+    assert main(["audit", "verify", "--site-config", str(site_config), "--as", "site-2", "--job", job_id,
+                 "--model", str(model_file), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verified"] is True
+
     report = json.loads(_cli("consortium", "status", str(out), "--json", capsys=capsys))
     assert report["connected_sites"] == SITES
     assert any(j["job_id"] == job_id and j["status"] == "FINISHED:COMPLETED" for j in report["jobs"])

@@ -48,9 +48,11 @@ def authorization(consortium: Consortium | None = None) -> dict:
 
 
 def _mask_filter(site: Site) -> dict:
+    """The site's own key (``local/masking_key.pem``); peers' public keys as registered on the
+    ledger by each site, so the coordinator cannot substitute one (``site_keys.json`` is the
+    provisioning record of the same keys; ``key_directory_file`` would use it instead)."""
     return {"path": SECURE_MASK_FILTER,
-            "args": {"private_key_file": MASKING_KEY_FILE, "key_directory_file": KEY_DIRECTORY_FILE,
-                     "min_participants": site.privacy.min_participants}}
+            "args": {"private_key_file": MASKING_KEY_FILE, "min_participants": site.privacy.min_participants}}
 
 
 def privacy(site: Site, study: str) -> dict:
