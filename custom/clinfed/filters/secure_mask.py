@@ -14,12 +14,12 @@ Keys: the site's private key is its ``masking_key_file`` (:mod:`clinfed.site_con
 ``private_key_file`` names one; peers' public keys come from the site's audit ledger, where each
 site registered its own (``clinfed keys register``), unless a key directory file or class is given.
 
-Example ``local/privacy.json`` scope (after the update-DP filter, if any)::
+Example ``local/privacy.json`` scope (FLARE's scope filter lists are flat and apply to every
+task; put the update-DP filter, if any, first; ``clinfed consortium provision`` writes these)::
 
-    "task_data_filters": [{"tasks": ["train"], "filters": [
-        {"path": "clinfed.filters.secure_mask.SecureMaskFilter", "args": {}}]}],
-    "task_result_filters": [{"tasks": ["train"], "filters": [
-        {"path": "clinfed.filters.secure_mask.SecureMaskFilter", "args": {}}]}]
+    {"name": "strict",
+     "task_data_filters": [{"path": "clinfed.filters.secure_mask.SecureMaskFilter", "args": {}}],
+     "task_result_filters": [{"path": "clinfed.filters.secure_mask.SecureMaskFilter", "args": {}}]}
 """
 
 from __future__ import annotations
