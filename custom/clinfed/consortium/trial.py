@@ -36,7 +36,7 @@ FAILURE_PATTERNS = [
      "the job names a privacy scope this site does not define (local/privacy.json)"),
     ("byoc", re.compile(r"[^\n]*(?:byoc|BYOC)[^\n]*not authorized[^\n]*|[^\n]*not authorized for 'byoc'[^\n]*"),
      "the job carries custom code (app/custom) and BYOC is refused"),
-    ("privacy_budget", re.compile(r"[^\n]*(?:PrivacyBudgetExceeded|declines the update)[^\n]*"),
+    ("privacy_budget", re.compile(r"[^\n]*(?:PrivacyBudgetExceeded|declines the update|declining the train task)[^\n]*"),
      "the site's privacy budget for the study is spent: it declines to release more updates"),
     ("privacy_refused", re.compile(r"[^\n]*(?:MaskingError|strict privacy scope)[^\n]*"),
      "the site's privacy policy refused to release an update"),
