@@ -48,15 +48,18 @@ def floor_round_seconds(work: Path, sites: int, rounds: int) -> list[float]:
 
 
 def _round_times_from_log(text: str) -> list[float]:
-    """Seconds between consecutive 'Round N started.' lines and from the last one to the end."""
+    """Seconds between consecutive 'Round N started.' lines and from the last one to the end.
+    FLARE prints these in a banner under a timestamped line: each takes the last timestamp seen."""
     import datetime as dt
 
     stamps = []
-    end = None
+    end = when = None
     for line in text.splitlines():
         try:
             when = dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
         except ValueError:
+            pass
+        if when is None:
             continue
         if "started." in line and "Round " in line:
             stamps.append(when)
