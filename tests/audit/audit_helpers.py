@@ -3,43 +3,14 @@
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import json
 import uuid
 from pathlib import Path
 
-import pydicom
 
 from clinfed.data.pseudonym import Pseudonymiser
 
 SITES = ["site-1", "site-2"]
-
-
-def _dates(value: str) -> set[str]:
-    """A date in both spellings the inputs use: FHIR YYYY-MM-DD and DICOM YYYYMMDD."""
-    day = dt.date.fromisoformat(value) if "-" in value else dt.datetime.strptime(value, "%Y%m%d").date()
-    return {day.isoformat(), day.strftime("%Y%m%d")}
-
-
-def identifiers_in_input(site_dir: Path) -> set[str]:
-    """Every patient identifier a site's input files hold (MRNs, names, birth dates, DICOM UIDs,
-    accession numbers), read from the files themselves."""
-    found: set[str] = set()
-    for path in (site_dir / "imaging").rglob("*.dcm"):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        found |= {str(ds.PatientID), *str(ds.PatientName).split("^"), *_dates(ds.PatientBirthDate),
-                  str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
-                  str(ds.get("AccessionNumber", ""))}
-    for line in (site_dir / "fhir" / "Patient.ndjson").read_text(encoding="utf-8").splitlines():
-        patient = json.loads(line)
-        found |= {str(i["value"]) for i in patient["identifier"]}
-        found |= {n["family"] for n in patient["name"]} | {g for n in patient["name"] for g in n["given"]}
-        found |= _dates(patient["birthDate"])
-    for line in (site_dir / "fhir" / "ImagingStudy.ndjson").read_text(encoding="utf-8").splitlines():
-        study = json.loads(line)
-        found |= {i["value"].removeprefix("urn:oid:") for i in study["identifier"]}
-        found |= {s["uid"] for s in study["series"]}
-    return {value for value in found if value}
 
 
 def revoke_in_fhir_export(site_dir: Path, pseudonym: str, when: str = "2030-01-02T09:00:00Z") -> None:

@@ -6,7 +6,8 @@ import json
 import re
 import sqlite3
 
-from audit_helpers import SITES, identifiers_in_input
+from audit_helpers import SITES
+from phi_scan import identifiers_in_input
 from clinfed.cli import main
 from clinfed.ledger import LocalLedger, sha256_file
 

@@ -3,47 +3,17 @@ from its DICOM or FHIR input."""
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import hmac
 import json
 import pickle
 import shutil
 
-import pydicom
 from data_helpers import active_indices, pseudonyms
+from phi_scan import date_spellings, identifiers_in_input
 
 from clinfed.data.ingest import ingest_site
 from clinfed.data.pseudonym import SECRET_FILE_NAME, Pseudonymiser
-
-
-def _dates(value: str) -> set[str]:
-    """A date in both spellings the inputs use: FHIR YYYY-MM-DD and DICOM YYYYMMDD."""
-    day = dt.date.fromisoformat(value) if "-" in value else dt.datetime.strptime(value, "%Y%m%d").date()
-    return {day.isoformat(), day.strftime("%Y%m%d")}
-
-
-def _identifiers_in_input(site_dir) -> set[str]:
-    """Every patient identifier the site's files hold, read from the files themselves."""
-    found: set[str] = set()
-    for path in (site_dir / "imaging").rglob("*.dcm"):
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:  # noqa: BLE001  (a test may have damaged it on purpose)
-            continue
-        found |= {str(ds.PatientID), *str(ds.PatientName).split("^"), *_dates(ds.PatientBirthDate),
-                  str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
-                  str(ds.AccessionNumber)}
-    for line in (site_dir / "fhir" / "Patient.ndjson").read_text(encoding="utf-8").splitlines():
-        patient = json.loads(line)
-        found |= {str(i["value"]) for i in patient["identifier"]}
-        found |= {n["family"] for n in patient["name"]} | {g for n in patient["name"] for g in n["given"]}
-        found |= _dates(patient["birthDate"])
-    for line in (site_dir / "fhir" / "ImagingStudy.ndjson").read_text(encoding="utf-8").splitlines():
-        study = json.loads(line)
-        found |= {i["value"].removeprefix("urn:oid:") for i in study["identifier"]}
-        found |= {s["uid"] for s in study["series"]}
-    return {value for value in found if value}
 
 
 def test_cases_report_and_fhir_issues_carry_no_identifier_from_the_input(site_copy):
@@ -56,10 +26,10 @@ def test_cases_report_and_fhir_issues_carry_no_identifier_from_the_input(site_co
     patient_file.write_text(patient_file.read_text(encoding="utf-8").replace(
         f'"value":"{mrn}"', f'"value":{mrn}'), encoding="utf-8")  # MRN as a number: invalid R4
 
-    identifiers = _identifiers_in_input(site_copy.dir)
+    identifiers = identifiers_in_input(site_copy.dir)
     truth = {value for case in site_copy.truth for p in [case.patient]
              for value in (p.mrn, p.family_name, p.given_name, p.study_uid, p.series_uid,
-                           *_dates(p.birth_date.isoformat()))}
+                           *date_spellings(p.birth_date.isoformat()))}
     assert truth <= identifiers  # the reader of the input files misses nothing we know of
 
     result = ingest_site(site_copy.dir)
