@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from clinfed.errors import ConfigError
-from clinfed.site_config import SITE_CONFIG_FILE
+from clinfed.site_config import SITE_CONFIG_FILE, read_json_object
 from clinfed.ledger import (Consent, ContractLedger, DuplicateRecord, JobVerification, LedgerEvent, open_ledger,
                             sha256_file, verify_records)
 
@@ -132,12 +132,7 @@ def ledger_settings(participant: str, *, site_config_dir: str | os.PathLike | No
 
 def site_config_ledger(participant: str, config_file: Path) -> LedgerSettings | None:
     """The ``ledger`` section of a participant's ``clinfed_site.json`` (None if it has none)."""
-    try:
-        site_config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{config_file}: not readable JSON ({exc})") from None
-    if not isinstance(site_config, dict):
-        raise ConfigError(f"{config_file}: must hold a JSON object")
+    site_config = read_json_object(config_file)
     section = site_config.get("ledger")
     if section is None:
         return None
@@ -158,12 +153,7 @@ def _from_ledger_path(participant: str, path: Path, source: str) -> LedgerSettin
         outbox = path.with_name(path.name + ".outbox") / f"{participant}.jsonl"
         config = {"backend": "local", "path": str(path), "msp_id": msp_id_for(participant), "outbox": str(outbox)}
         return LedgerSettings(participant, config, path.parent, f"{source}={path}")
-    try:
-        shared = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path} ({source}): not readable JSON ({exc})") from None
-    if not isinstance(shared, dict):
-        raise ConfigError(f"{path} ({source}): must hold a JSON object")
+    shared = read_json_object(path, f"{path} ({source})")
     msp_ids = shared.pop("msp_ids", {}) or {}
     outbox_dir = shared.pop("outbox_dir", None)
     overrides = (shared.pop("participants", {}) or {}).get(participant, {})

@@ -36,16 +36,25 @@ class SiteFiles:
     privacy_dir: Path  # privacy state that outlives jobs: spent budgets, masked rounds
 
 
+def read_json_object(path: Path, where: str | None = None) -> dict:
+    """A configuration file holding one JSON object; a clear ConfigError naming it otherwise."""
+    where = where or str(path)
+    try:
+        content = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{where}: not readable JSON ({err})") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"{where}: must hold a JSON object")
+    return content
+
+
 def site_files(site: str, site_config_dir: str | os.PathLike) -> SiteFiles:
     """The site's files, from ``<site_config_dir>/clinfed_site.json`` or ``$CLINFED_DATA_ROOT``."""
     local = Path(site_config_dir)
     config_file = local / SITE_CONFIG_FILE
     if config_file.is_file():
-        try:
-            config = json.loads(config_file.read_text())
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{config_file}: not readable JSON ({err})") from None
-        if not isinstance(config, dict) or "data_dir" not in config:
+        config = read_json_object(config_file)
+        if "data_dir" not in config:
             raise ConfigError(f"{config_file}: field 'data_dir' is missing")
         secret = config.get("secret_file")
         return SiteFiles(Path(config["data_dir"]), Path(secret) if secret else None,
