@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from clinfed.audit import COORDINATOR, msp_id_for  # one naming convention for MSP IDs: clinfed's
+from clinfed.ledger.settings import COORDINATOR, msp_id_for  # one naming convention for MSP IDs: clinfed's
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALL_SCRIPT = Path(__file__).resolve().parent / "install.sh"

@@ -106,21 +106,22 @@ def cmd_demo(args) -> int:
 
 def _ledger_settings(args, participant: str):
     """The ledger ``--ledger`` / ``--site-config`` / ``$CLINFED_LEDGER`` names, as ``participant``."""
-    from clinfed import audit
+    from clinfed.ledger.settings import LEDGER_ENV, ledger_settings, site_config_ledger
+    from clinfed.site_config import SITE_CONFIG_FILE
 
     if args.ledger:
-        return audit.ledger_settings(participant, ledger=args.ledger)
+        return ledger_settings(participant, ledger=args.ledger)
     if args.site_config:
         if not args.site_config.is_file():
             raise ClinfedError(f"{args.site_config}: site config not found")
-        settings = audit.site_config_ledger(participant, args.site_config)
+        settings = site_config_ledger(participant, args.site_config)
         if settings is None:
             raise ClinfedError(f"{args.site_config}: has no 'ledger' section")
         return settings
-    settings = audit.ledger_settings(participant)
+    settings = ledger_settings(participant)
     if settings is None:
         raise ClinfedError(f"no ledger given: use --ledger FILE (a LocalLedger .sqlite or a ledger .json), "
-                           f"--site-config local/{audit.SITE_CONFIG_FILE}, or set ${audit.LEDGER_ENV}")
+                           f"--site-config local/{SITE_CONFIG_FILE}, or set ${LEDGER_ENV}")
     return settings
 
 

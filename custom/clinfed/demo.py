@@ -32,6 +32,7 @@ from clinfed.data.ingest import Case, ingest_site
 from clinfed.data.profiles import profile_for_site
 from clinfed.data.synth import synthesise
 from clinfed.jobs.tumour_seg import EXTRA_ALLOWED_CLASSES, FEDAVG_JOB_NAME, PRIVATE_JOB_NAME, TumourSegFedAvgRecipe
+from clinfed.ledger.settings import COORDINATOR, JOB_ID_ENV, LEDGER_ENV, ledger_settings
 from clinfed.training import (
     TrainConfig,
     evaluate,
@@ -138,7 +139,7 @@ def prepare_ledger(ledger_path: Path, data_dir: Path, sites: list[str], log=prin
     audit.init_consortium(ledger_path, sites)
     held = 0
     for site in sites:
-        settings = audit.ledger_settings(site, ledger=ledger_path)
+        settings = ledger_settings(site, ledger=ledger_path)
         with settings.open(outbox=False) as ledger:
             synced = audit.sync_consents(data_dir / site, ledger, site)
             held += synced.active + synced.revoked
@@ -173,20 +174,20 @@ def run_federated(data_dir: Path, workspace_root: Path, config: DemoConfig, ledg
     # The simulated clients are processes sharing our cores: one thread each avoids thrashing.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     env = SimEnv(clients=site_names(config), num_threads=config.sites, workspace_root=str(workspace_root))
-    with _environment(**{audit.LEDGER_ENV: str(Path(ledger_path).resolve()),
-                         audit.JOB_ID_ENV: job_id or new_job_id(recipe.name)}):
+    with _environment(**{LEDGER_ENV: str(Path(ledger_path).resolve()),
+                         JOB_ID_ENV: job_id or new_job_id(recipe.name)}):
         run = recipe.execute(env)
         run.get_result()
         # Participants flush their outboxes at the end of the run; deliver anything left (none
         # normally) before the ledger is read.
-        for participant in site_names(config) + [audit.COORDINATOR]:
-            audit.ledger_settings(participant, ledger=ledger_path).open().close()
+        for participant in site_names(config) + [COORDINATOR]:
+            ledger_settings(participant, ledger=ledger_path).open().close()
     return Path(workspace_root) / recipe.name / "server" / "simulate_job"
 
 
 def verify_on_ledger(ledger_path: Path, job_id: str, model_file: Path, consents: int, log=print) -> dict:
     """``audit verify`` of the run's final model, printed, and the ``results.json`` summary."""
-    with audit.ledger_settings(audit.COORDINATOR, ledger=ledger_path).open(outbox=False) as ledger:
+    with ledger_settings(COORDINATOR, ledger=ledger_path).open(outbox=False) as ledger:
         result = audit.verify(ledger, job_id, model_file)
     log(f"$ clinfed audit verify --ledger {ledger_path} --job {job_id} --model {model_file}")
     log(audit.verification_text(result))
@@ -212,7 +213,7 @@ def refuse_spent_budgets(data_dir: Path, sites: list[str]) -> None:
 def privacy_spend(ledger_path: Path, job_id: str, config: DemoConfig) -> dict:
     """Each site's epsilon spent on the study after this job, as its contributions recorded it
     on the ledger (None for a site without DP), and the delta of the guarantee."""
-    with audit.ledger_settings(audit.COORDINATOR, ledger=ledger_path).open(outbox=False) as ledger:
+    with ledger_settings(COORDINATOR, ledger=ledger_path).open(outbox=False) as ledger:
         records = sorted(ledger.contributions(job_id), key=lambda c: c.round)
     epsilon = {site: None for site in site_names(config)}
     deltas = set()

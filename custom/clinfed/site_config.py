@@ -6,7 +6,7 @@ A deployed site writes ``local/clinfed_site.json`` in its FLARE workspace::
      "secret_file": "/secrets/site_secret.key",   # pseudonymisation key (default: in data_dir)
      "masking_key_file": "masking_key.pem",   # X25519 key for secure masking (relative: to local/)
      "privacy_dir": "/var/lib/clinfed/privacy",   # DP budgets, masked rounds (default: workspace)
-     "ledger": {...}}                          # see clinfed.audit
+     "ledger": {...}}                          # see clinfed.ledger.settings
 
 A simulator run (no such file) takes ``$CLINFED_DATA_ROOT/<site name>`` as the site's folder,
 with its secrets and its privacy state inside it (the simulator wipes its own workspace on

@@ -17,6 +17,7 @@ from clinfed import audit
 from clinfed.data.synth import synthesise
 from clinfed.demo import DemoConfig, new_job_id, prepare_ledger, run_federated
 from clinfed.jobs.tumour_seg import TumourSegFedAvgRecipe
+from clinfed.ledger.settings import ledger_settings
 
 CONFIG = DemoConfig(sites=2, patients=10, shape=(32, 32, 16), seed=3, rounds=2, local_epochs=2)
 # Fixed pseudonymisation keys (normally random secrets) fix the train/validation split: with this
@@ -55,7 +56,7 @@ def _revoke_between_rounds(run: RecordedRun, stop: threading.Event) -> None:
                 if round0:
                     victim = round0[0]["train"][0]
                     revoke_in_fhir_export(run.data_dir / "site-1", victim)
-                    with audit.ledger_settings("site-1", ledger=run.ledger_path).open(outbox=False) as ledger:
+                    with ledger_settings("site-1", ledger=run.ledger_path).open(outbox=False) as ledger:
                         synced = audit.sync_consents(run.data_dir / "site-1", ledger, "site-1")
                     assert synced.published == 1, synced
                     run.victim, run.revoked_after_round = victim, 0

@@ -22,6 +22,8 @@ from clinfed.data.synth import synthesise
 from clinfed.errors import ConfigError
 from clinfed.filters.contribution_record import COHORT_META, ContributionRecorder, update_sha256
 from clinfed.ledger import AccessDenied, Absence, Contribution, GlobalModel, LocalLedger, OutboxLedger
+from clinfed.ledger.settings import (DEFAULT_OUTBOX, JOB_ID_ENV, LEDGER_ENV, ledger_settings, msp_id_for,
+                                     release_shared_ledger)
 
 
 def _update() -> dict:
@@ -57,9 +59,9 @@ def test_update_hash_ignores_order_and_meta_but_not_a_value_a_type_a_name_or_the
 
 
 def test_msp_ids_follow_the_consortium_convention():
-    assert audit.msp_id_for("site-1") == "Site1MSP"
-    assert audit.msp_id_for("coordinator") == "CoordinatorMSP"
-    assert audit.msp_id_for("hospital_b-2") == "HospitalB2MSP"
+    assert msp_id_for("site-1") == "Site1MSP"
+    assert msp_id_for("coordinator") == "CoordinatorMSP"
+    assert msp_id_for("hospital_b-2") == "HospitalB2MSP"
 
 
 def test_site_config_ledger_wins_over_the_environment_and_paths_are_its_own(tmp_path):
@@ -67,19 +69,19 @@ def test_site_config_ledger_wins_over_the_environment_and_paths_are_its_own(tmp_
     local.mkdir()
     (local / "clinfed_site.json").write_text(json.dumps(
         {"data_dir": "/data", "ledger": {"backend": "local", "path": "ledger.sqlite", "msp_id": "HospitalOneMSP"}}))
-    env = {audit.LEDGER_ENV: str(tmp_path / "shared.sqlite")}
-    settings = audit.ledger_settings("site-1", site_config_dir=local, env=env)
+    env = {LEDGER_ENV: str(tmp_path / "shared.sqlite")}
+    settings = ledger_settings("site-1", site_config_dir=local, env=env)
     assert settings.msp_id == "HospitalOneMSP" and settings.source.endswith("clinfed_site.json")
-    assert settings.config["outbox"] == audit.DEFAULT_OUTBOX and settings.base_dir == local
+    assert settings.config["outbox"] == DEFAULT_OUTBOX and settings.base_dir == local
     # Without a ledger section, the environment decides.
     (local / "clinfed_site.json").write_text(json.dumps({"data_dir": "/data"}))
-    settings = audit.ledger_settings("site-1", site_config_dir=local, env=env)
-    assert settings.msp_id == "Site1MSP" and settings.config["path"] == env[audit.LEDGER_ENV]
+    settings = ledger_settings("site-1", site_config_dir=local, env=env)
+    assert settings.msp_id == "Site1MSP" and settings.config["path"] == env[LEDGER_ENV]
     assert settings.config["outbox"].endswith("shared.sqlite.outbox/site-1.jsonl")
-    assert audit.ledger_settings("site-1", site_config_dir=local, env={}) is None
+    assert ledger_settings("site-1", site_config_dir=local, env={}) is None
     (local / "clinfed_site.json").write_text(json.dumps({"ledger": ["not", "an", "object"]}))
     with pytest.raises(ConfigError, match="'ledger' must be an object"):
-        audit.ledger_settings("site-1", site_config_dir=local, env=env)
+        ledger_settings("site-1", site_config_dir=local, env=env)
 
 
 def test_json_ledger_config_gives_each_participant_its_identity_and_outbox(tmp_path):
@@ -87,11 +89,11 @@ def test_json_ledger_config_gives_each_participant_its_identity_and_outbox(tmp_p
     config.write_text(json.dumps({"backend": "local", "path": "l.sqlite", "outbox_dir": "outbox", "policy": "strict",
                                   "msp_ids": {"coordinator": "LeadMSP"},
                                   "participants": {"site-2": {"msp_id": "OtherMSP"}}}))
-    env = {audit.LEDGER_ENV: str(config)}
-    coordinator = audit.ledger_settings("coordinator", env=env)
+    env = {LEDGER_ENV: str(config)}
+    coordinator = ledger_settings("coordinator", env=env)
     assert (coordinator.msp_id, coordinator.config["outbox"]) == ("LeadMSP", str(Path("outbox") / "coordinator.jsonl"))
-    assert audit.ledger_settings("site-1", env=env).msp_id == "Site1MSP"
-    assert audit.ledger_settings("site-2", env=env).msp_id == "OtherMSP"
+    assert ledger_settings("site-1", env=env).msp_id == "Site1MSP"
+    assert ledger_settings("site-2", env=env).msp_id == "OtherMSP"
     ledger = coordinator.open()
     try:
         assert isinstance(ledger, OutboxLedger) and ledger.policy == "strict"
@@ -145,8 +147,8 @@ def _fl_ctx(site: str, site_config_dir: Path, job_id: str = "job-unit") -> FLCon
 def test_contribution_recorder_records_what_it_is_given_and_sends_it_unchanged(tmp_path, monkeypatch):
     ledger_path = tmp_path / "ledger.sqlite"
     audit.init_consortium(ledger_path, ["site-1"])
-    monkeypatch.setenv(audit.LEDGER_ENV, str(ledger_path))
-    monkeypatch.delenv(audit.JOB_ID_ENV, raising=False)
+    monkeypatch.setenv(LEDGER_ENV, str(ledger_path))
+    monkeypatch.delenv(JOB_ID_ENV, raising=False)
     data = _update()
     original = {k: v.copy() for k, v in data.items()}
     meta = {"n_samples": 9, "train_loss": 0.5, MetaKey.INITIAL_METRICS: {"dice": 0.25, "auc": None},
@@ -162,11 +164,11 @@ def test_contribution_recorder_records_what_it_is_given_and_sends_it_unchanged(t
     assert record.update_sha256 == update_sha256(sent) and record.hash_stage == "after_dp"
     assert record.metrics == {"cohort_train": 9, "cohort_validation": 2, "consent_excluded": 1,
                               "received_dice": 0.25, "train_loss": 0.5}
-    audit.release_shared_ledger(audit.ledger_settings("site-1"))
+    release_shared_ledger(ledger_settings("site-1"))
 
 
 def test_contribution_recorder_refuses_to_send_unrecorded(tmp_path, monkeypatch):
-    monkeypatch.delenv(audit.LEDGER_ENV, raising=False)
+    monkeypatch.delenv(LEDGER_ENV, raising=False)
     shareable = DXO(DataKind.WEIGHT_DIFF, data=_update(), meta={"n_samples": 1}).to_shareable()
     shareable.set_header(AppConstants.CURRENT_ROUND, 0)
     with pytest.raises(ConfigError, match="no ledger configured"):
@@ -202,8 +204,8 @@ def test_ledger_recorder_records_the_model_file_hash_participants_and_the_absent
 
     ledger_path = tmp_path / "ledger.sqlite"
     audit.init_consortium(ledger_path, ["site-1", "site-2"])
-    monkeypatch.setenv(audit.LEDGER_ENV, str(ledger_path))
-    monkeypatch.setenv(audit.JOB_ID_ENV, "job-widget")
+    monkeypatch.setenv(LEDGER_ENV, str(ledger_path))
+    monkeypatch.setenv(JOB_ID_ENV, "job-widget")
     model_file = tmp_path / "FL_global_model.pt"
     engine = SimpleNamespace(
         get_workspace=lambda: SimpleNamespace(get_site_config_dir=lambda: str(tmp_path / "server_local"),

@@ -21,6 +21,7 @@ from clinfed import audit
 from clinfed.consortium import trial
 from clinfed.consortium.cli import add_consortium_commands
 from clinfed.consortium.provision import load_state
+from clinfed.ledger.settings import COORDINATOR, ledger_settings
 
 SITES = ["site-1", "site-2"]
 # After the last round the server waits this long for a stopped site's end-of-run report.
@@ -37,8 +38,8 @@ def _cli(*argv: str, capsys=None) -> str:
 
 
 def _site_ledger(state: dict, participant: str):
-    kit = state["kits"][state["server"] if participant == audit.COORDINATOR else participant]
-    return audit.ledger_settings(participant, site_config_dir=Path(kit) / "local").open(outbox=False)
+    kit = state["kits"][state["server"] if participant == COORDINATOR else participant]
+    return ledger_settings(participant, site_config_dir=Path(kit) / "local").open(outbox=False)
 
 
 def _run(out: Path, job_dir: Path, timeout: float = 420.0) -> tuple[str, dict, float]:
@@ -118,7 +119,7 @@ def test_private_job_through_the_flare_api_and_each_site_verifies_it(consortium,
     model_file = next(result_dir.rglob("FL_global_model.pt"))
 
     # Every site reads the ledger with its own identity and verifies the job and the final model.
-    for participant in [*SITES, audit.COORDINATOR]:
+    for participant in [*SITES, COORDINATOR]:
         with _site_ledger(state, participant) as ledger:
             verified = audit.verify(ledger, job_id, model_file)
             assert verified.ok, (participant, verified.job.problems)
@@ -265,7 +266,7 @@ def test_site_stopped_mid_job_the_others_finish_and_the_ledger_shows_the_absence
     with trial.admin_session(out) as session:
         started = time.monotonic()
         job_id = session.submit_job(str(job_dir))
-        with _site_ledger(state, audit.COORDINATOR) as ledger:
+        with _site_ledger(state, COORDINATOR) as ledger:
             while not audit.models(ledger, job_id):
                 assert time.monotonic() - started < 300, "round 0 never finished"
                 time.sleep(0.5)

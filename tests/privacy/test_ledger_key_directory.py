@@ -8,6 +8,7 @@ import pytest
 
 from clinfed import audit
 from clinfed.ledger import LedgerError, LocalLedger
+from clinfed.ledger.settings import COORDINATOR_MSP, ledger_settings
 from clinfed.privacy.errors import KeyDirectoryError
 from clinfed.privacy.masking import LedgerSiteKeyDirectory, load_private_key, public_key_bytes
 
@@ -22,7 +23,7 @@ def ledger_path(tmp_path):
 
 
 def _as(ledger_path, participant):
-    return audit.ledger_settings(participant, ledger=ledger_path).open(outbox=False)
+    return ledger_settings(participant, ledger=ledger_path).open(outbox=False)
 
 
 def test_registered_keys_are_what_peers_read_and_registration_is_idempotent(ledger_path, tmp_path):
@@ -43,7 +44,7 @@ def test_registered_keys_are_what_peers_read_and_registration_is_idempotent(ledg
 def test_a_site_cannot_register_a_key_for_another_site(ledger_path, tmp_path):
     with _as(ledger_path, "site-2") as ledger, pytest.raises(LedgerError, match="site-1"):
         audit.register_masking_key(ledger, "site-1", tmp_path / "stolen.pem")
-    with LocalLedger(ledger_path, audit.COORDINATOR_MSP) as ledger:
+    with LocalLedger(ledger_path, COORDINATOR_MSP) as ledger:
         assert "site-1" not in ledger.site_keys()
 
 

@@ -15,6 +15,7 @@ from clinfed import audit
 from clinfed.data.profiles import STUDY_ID
 from clinfed.data.synth import synthesise
 from clinfed.demo import DemoConfig, new_job_id, prepare_ledger, run_federated
+from clinfed.ledger.settings import COORDINATOR, ledger_settings
 from clinfed.privacy.accounting import PrivacyBudget, budget_file
 from clinfed.site_config import PRIVACY_DIR_NAME
 
@@ -56,7 +57,7 @@ def test_declining_site_is_left_out_and_the_masked_rounds_are_redone(private_run
     server_log = _logs(root, "server")
     for round_ in (0, 1):
         assert f"redoing round {round_} with ['site-1', 'site-2']" in server_log
-    with audit.ledger_settings(audit.COORDINATOR, ledger=ledger_path).open(outbox=False) as ledger:
+    with ledger_settings(COORDINATOR, ledger=ledger_path).open(outbox=False) as ledger:
         contributions = ledger.contributions(job_id)
         models = ledger.global_models(job_id)
         absences = ledger.absences(job_id)
@@ -71,7 +72,7 @@ def test_declining_site_is_left_out_and_the_masked_rounds_are_redone(private_run
 
 def test_contributions_are_masked_and_report_the_dp_spend_within_budget(private_run):
     _, ledger_path, job_id, _ = private_run
-    with audit.ledger_settings(audit.COORDINATOR, ledger=ledger_path).open(outbox=False) as ledger:
+    with ledger_settings(COORDINATOR, ledger=ledger_path).open(outbox=False) as ledger:
         contributions = sorted(ledger.contributions(job_id), key=lambda c: (c.site, c.round))
     for contribution in contributions:
         assert 0 < contribution.epsilon <= TARGET_EPSILON
@@ -93,7 +94,7 @@ def test_the_server_only_received_masked_updates(private_run):
         assert "masked update for round 0 attempt 1 against 1 peers" in site_log
         # The redo resends the round's update, re-masked; it does not train (and spend) again.
         assert "resending this round's update" in site_log
-    with audit.ledger_settings(audit.COORDINATOR, ledger=ledger_path).open(outbox=False) as ledger:
+    with ledger_settings(COORDINATOR, ledger=ledger_path).open(outbox=False) as ledger:
         contributions = ledger.contributions(job_id)
     server_log = _logs(root, "server")
     for contribution in contributions:

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from clinfed.audit import COORDINATOR, msp_id_for
+from clinfed.ledger.settings import COORDINATOR, msp_id_for
 from clinfed.errors import ConfigError
 
 # FLARE 2.9 admin roles (nvflare.lighter: project_admin, org_admin, lead, member).

@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clinfed.audit import COORDINATOR, DEFAULT_OUTBOX, SITE_CONFIG_FILE
+from clinfed.ledger.settings import COORDINATOR, DEFAULT_OUTBOX
+from clinfed.site_config import SITE_CONFIG_FILE
 
 from .definition import Consortium, Site
 
@@ -125,7 +126,7 @@ def move_server_storage(resources: dict, storage_root: Path) -> dict:
 
 def ledger_section(consortium: Consortium, participant: str, ledger_file: Path | None) -> dict:
     """The ``ledger`` section of a participant's ``clinfed_site.json``."""
-    from clinfed.audit import msp_id_for
+    from clinfed.ledger.settings import msp_id_for
 
     config = dict(consortium.ledger)
     participants = config.pop("participants", {}) or {}
@@ -154,9 +155,9 @@ def site_config(consortium: Consortium, participant: str, ledger_file: Path | No
 
 def fabric_orgs(consortium: Consortium) -> dict:
     """The org list ``fabric_network`` builds its crypto and channel from (MSP IDs by the
-    :func:`clinfed.audit.msp_id_for` convention that ``fabric_network`` also follows), and the
-    FLARE participant -> Fabric identity mapping."""
-    from clinfed.audit import msp_id_for
+    :func:`clinfed.ledger.settings.msp_id_for` convention that ``fabric_network`` also
+    follows), and the FLARE participant -> Fabric identity mapping."""
+    from clinfed.ledger.settings import msp_id_for
 
     coordinator_msp = msp_id_for(COORDINATOR)
     return {
@@ -172,7 +173,7 @@ def fabric_orgs(consortium: Consortium) -> dict:
 
 def flare_to_fabric(consortium: Consortium) -> dict:
     """FLARE participant name -> Fabric MSP ID; the server acts as ``coordinator`` on the ledger."""
-    from clinfed.audit import msp_id_for
+    from clinfed.ledger.settings import msp_id_for
 
     mapping = {consortium.coordinator.name: msp_id_for(COORDINATOR)}
     mapping.update({s.name: s.msp_id for s in consortium.sites})

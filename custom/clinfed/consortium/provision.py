@@ -27,8 +27,9 @@ from pathlib import Path
 
 import yaml
 
-from clinfed.audit import COORDINATOR, COORDINATOR_MSP, SITE_CONFIG_FILE
 from clinfed.errors import ConfigError
+from clinfed.ledger.settings import COORDINATOR, COORDINATOR_MSP
+from clinfed.site_config import SITE_CONFIG_FILE
 
 from . import local_files
 from .definition import Consortium, load_consortium

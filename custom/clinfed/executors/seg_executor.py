@@ -127,7 +127,7 @@ class SegExecutor(Executor):
             except Exception as err:  # a site that cannot train must stop the run, not limp on
                 self.system_panic(f"site {fl_ctx.get_identity_name()}: {err}", fl_ctx)
         elif event_type == EventType.END_RUN and self._ledger_settings is not None:
-            from clinfed.audit import release_shared_ledger
+            from clinfed.ledger.settings import release_shared_ledger
 
             remaining = release_shared_ledger(self._ledger_settings)
             if remaining:
@@ -136,7 +136,7 @@ class SegExecutor(Executor):
     def _load_cohort(self, fl_ctx: FLContext) -> None:
         site = fl_ctx.get_identity_name()
         if self.ledger_consent:
-            from clinfed.audit import ledger_settings
+            from clinfed.ledger.settings import ledger_settings
 
             workspace = fl_ctx.get_engine().get_workspace()
             self._ledger_settings = ledger_settings(site, site_config_dir=workspace.get_site_config_dir())
@@ -163,7 +163,7 @@ class SegExecutor(Executor):
         """Pseudonyms with active and with revoked consent on the ledger (None: gate off)."""
         if not self.ledger_consent:
             return None, set()
-        from clinfed.audit import shared_ledger
+        from clinfed.ledger.settings import shared_ledger
 
         ledger = shared_ledger(self._ledger_settings)
         records = ledger.consents(self.study, site=fl_ctx.get_identity_name())

@@ -147,7 +147,7 @@ class ContributionRecorder(DXOFilter):
         self._lock = threading.Lock()
 
     def _ledger(self, fl_ctx: FLContext):
-        from clinfed.audit import ledger_settings, shared_ledger
+        from clinfed.ledger.settings import ledger_settings, shared_ledger
 
         with self._lock:
             if self._settings is None:
@@ -166,7 +166,7 @@ class ContributionRecorder(DXOFilter):
         return "after_masking" if dxo.get_meta_prop(MASKED_META_KEY) is not None else "after_dp"
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> None:
-        from clinfed.audit import deliver_now, ledger_job_id
+        from clinfed.ledger.settings import deliver_now, ledger_job_id
 
         site = fl_ctx.get_identity_name()
         ledger = self._ledger(fl_ctx)

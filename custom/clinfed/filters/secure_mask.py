@@ -152,7 +152,7 @@ class SecureMaskFilter(DXOFilter):
             if self.key_directory_file is not None:
                 self._directory = FileSiteKeyDirectory(self._site_path(fl_ctx, self.key_directory_file))
             elif self.key_directory_class is None:
-                from clinfed.audit import ledger_settings, shared_ledger
+                from clinfed.ledger.settings import ledger_settings, shared_ledger
 
                 settings = ledger_settings(site, site_config_dir=fl_ctx.get_engine().get_workspace().get_site_config_dir())
                 if settings is None:

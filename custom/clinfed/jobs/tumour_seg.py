@@ -6,7 +6,7 @@ no ``app/custom`` code and is not a BYOC job; sites admit it through their class
 The job records to the audit ledger: the server's ``LedgerRecorder`` writes each round's global
 model and absences, each site's ``ContributionRecorder`` (a result filter on ``train``) its own
 contribution. Which ledger and identity is each participant's own configuration
-(:mod:`clinfed.audit`); the job names neither.
+(:mod:`clinfed.ledger.settings`); the job names neither.
 
 Privacy (``privacy``): ``dp`` trains with DP-SGD at every site under a per-site budget for the
 study (``SegExecutor``'s ``dp_*`` arguments); ``mask`` sends pairwise-masked updates that the

@@ -107,7 +107,7 @@ class LedgerRecorder(Widget):
                 self.system_panic(f"ledger recording failed in strict mode: {err}", fl_ctx)
 
     def _start(self, fl_ctx: FLContext) -> None:
-        from clinfed.audit import COORDINATOR, ledger_job_id, ledger_settings, shared_ledger
+        from clinfed.ledger.settings import COORDINATOR, ledger_job_id, ledger_settings, shared_ledger
 
         workspace = fl_ctx.get_engine().get_workspace()
         settings = ledger_settings(COORDINATOR, site_config_dir=workspace.get_site_config_dir())
@@ -249,7 +249,7 @@ class LedgerRecorder(Widget):
             self.log_info(fl_ctx, f"round {record.round}: {type(record).__name__} already on the ledger")
 
     def _end(self, fl_ctx: FLContext) -> None:
-        from clinfed.audit import release_shared_ledger
+        from clinfed.ledger.settings import release_shared_ledger
 
         if self._pending is not None:
             self.log_error(fl_ctx, f"round {self._pending['round']}: aggregated but never persisted; its global "
