@@ -21,9 +21,8 @@ from clinfed import audit
 from clinfed.data.synth import synthesise
 from clinfed.errors import ConfigError
 from clinfed.filters.contribution_record import COHORT_META, ContributionRecorder, update_sha256
-from clinfed.ledger import AccessDenied, Absence, Contribution, GlobalModel, LocalLedger, OutboxLedger
-from clinfed.ledger.settings import (DEFAULT_OUTBOX, JOB_ID_ENV, LEDGER_ENV, ledger_settings, msp_id_for,
-                                     release_shared_ledger)
+from clinfed.ledger import AccessDenied, Absence, Contribution, GlobalModel, LocalLedger
+from clinfed.ledger.settings import JOB_ID_ENV, LEDGER_ENV, ledger_settings, release_shared_ledger
 
 
 def _update() -> dict:
@@ -56,51 +55,6 @@ def test_update_hash_ignores_order_and_meta_but_not_a_value_a_type_a_name_or_the
     renamed = {("z.weight" if k == "b.weight" else k): v for k, v in data.items()}
     assert update_sha256(DXO(DataKind.WEIGHT_DIFF, data=renamed)) != digest
     assert update_sha256(DXO(DataKind.WEIGHTS, data=data)) != digest
-
-
-def test_msp_ids_follow_the_consortium_convention():
-    assert msp_id_for("site-1") == "Site1MSP"
-    assert msp_id_for("coordinator") == "CoordinatorMSP"
-    assert msp_id_for("hospital_b-2") == "HospitalB2MSP"
-
-
-def test_site_config_ledger_wins_over_the_environment_and_paths_are_its_own(tmp_path):
-    local = tmp_path / "local"
-    local.mkdir()
-    (local / "clinfed_site.json").write_text(json.dumps(
-        {"data_dir": "/data", "ledger": {"backend": "local", "path": "ledger.sqlite", "msp_id": "HospitalOneMSP"}}))
-    env = {LEDGER_ENV: str(tmp_path / "shared.sqlite")}
-    settings = ledger_settings("site-1", site_config_dir=local, env=env)
-    assert settings.msp_id == "HospitalOneMSP" and settings.source.endswith("clinfed_site.json")
-    assert settings.config["outbox"] == DEFAULT_OUTBOX and settings.base_dir == local
-    # Without a ledger section, the environment decides.
-    (local / "clinfed_site.json").write_text(json.dumps({"data_dir": "/data"}))
-    settings = ledger_settings("site-1", site_config_dir=local, env=env)
-    assert settings.msp_id == "Site1MSP" and settings.config["path"] == env[LEDGER_ENV]
-    assert settings.config["outbox"].endswith("shared.sqlite.outbox/site-1.jsonl")
-    assert ledger_settings("site-1", site_config_dir=local, env={}) is None
-    (local / "clinfed_site.json").write_text(json.dumps({"ledger": ["not", "an", "object"]}))
-    with pytest.raises(ConfigError, match="'ledger' must be an object"):
-        ledger_settings("site-1", site_config_dir=local, env=env)
-
-
-def test_json_ledger_config_gives_each_participant_its_identity_and_outbox(tmp_path):
-    config = tmp_path / "ledger.json"
-    config.write_text(json.dumps({"backend": "local", "path": "l.sqlite", "outbox_dir": "outbox", "policy": "strict",
-                                  "msp_ids": {"coordinator": "LeadMSP"},
-                                  "participants": {"site-2": {"msp_id": "OtherMSP"}}}))
-    env = {LEDGER_ENV: str(config)}
-    coordinator = ledger_settings("coordinator", env=env)
-    assert (coordinator.msp_id, coordinator.config["outbox"]) == ("LeadMSP", str(Path("outbox") / "coordinator.jsonl"))
-    assert ledger_settings("site-1", env=env).msp_id == "Site1MSP"
-    assert ledger_settings("site-2", env=env).msp_id == "OtherMSP"
-    ledger = coordinator.open()
-    try:
-        assert isinstance(ledger, OutboxLedger) and ledger.policy == "strict"
-        assert ledger.backend.path == tmp_path / "l.sqlite"
-    finally:
-        ledger.close()
-    assert coordinator.with_policy("async").open(outbox=False).msp_id == "LeadMSP"
 
 
 @pytest.fixture(scope="module")
