@@ -31,9 +31,19 @@ from clinfed import audit
 from clinfed.data.ingest import Case, ingest_site
 from clinfed.data.profiles import profile_for_site
 from clinfed.data.synth import synthesise
-from clinfed.jobs.tumour_seg import EXTRA_ALLOWED_CLASSES, FEDAVG_JOB_NAME, PRIVATE_JOB_NAME, TumourSegFedAvgRecipe
+from clinfed.jobs.tumour_seg import (
+    DEFAULT_ROUNDS,
+    EXTRA_ALLOWED_CLASSES,
+    FEDAVG_JOB_NAME,
+    PRIVATE_JOB_NAME,
+    TumourSegFedAvgRecipe,
+)
 from clinfed.ledger.settings import COORDINATOR, JOB_ID_ENV, LEDGER_ENV, ledger_settings
 from clinfed.training import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_LOCAL_EPOCHS,
+    DEFAULT_LR,
+    DEFAULT_ROI,
     TrainConfig,
     evaluate,
     finite_or_none,
@@ -58,11 +68,11 @@ class DemoConfig:
     patients: int = 24
     shape: tuple[int, int, int] = (48, 48, 24)
     seed: int = 0
-    rounds: int = 8
-    local_epochs: int = 2
-    batch_size: int = 2
-    lr: float = 2e-3
-    roi: tuple[int, int, int] = (32, 32, 16)
+    rounds: int = DEFAULT_ROUNDS
+    local_epochs: int = DEFAULT_LOCAL_EPOCHS
+    batch_size: int = DEFAULT_BATCH_SIZE
+    lr: float = DEFAULT_LR
+    roi: tuple[int, int, int] = DEFAULT_ROI
     privacy: str = "none"  # one of clinfed.privacy.PRIVACY_MODES
     dp_target_epsilon: float = 8.0
 
@@ -336,7 +346,7 @@ def plot_results(results: dict, out_dir: Path) -> None:
         ax.plot(rounds, [r["site_dice"].get(site) for r in per_round], marker="o", label=site)
     ax.plot(rounds, [r["dice"] for r in per_round], marker="s", color="black", label="all sites")
     ax.set(xlabel="federated round", ylabel="validation Dice (global model)", title="Federated Dice per round",
-           ylim=(0, 1))
+           ylim=(0, 1), xticks=rounds)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "dice_per_round.png", dpi=120)

@@ -47,6 +47,10 @@ from clinfed.privacy.dp_sgd import SiteDPSGD
 from clinfed.privacy.errors import PrivacyBudgetExceeded
 from clinfed.site_config import SITE_CONFIG_FILE, site_files
 from clinfed.training import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_LOCAL_EPOCHS,
+    DEFAULT_LR,
+    DEFAULT_ROI,
     TrainConfig,
     device_for_training,
     evaluate,
@@ -84,8 +88,9 @@ class SegExecutor(Executor):
         dp_accountant: ``prv`` (default, tighter) or ``rdp``.
     """
 
-    def __init__(self, study: str = STUDY_ID, local_epochs: int = 2, batch_size: int = 2, lr: float = 5e-3,
-                 roi: list[int] | tuple[int, int, int] = (32, 32, 16), ledger_consent: bool = True,
+    def __init__(self, study: str = STUDY_ID, local_epochs: int = DEFAULT_LOCAL_EPOCHS,
+                 batch_size: int = DEFAULT_BATCH_SIZE, lr: float = DEFAULT_LR,
+                 roi: list[int] | tuple[int, int, int] = DEFAULT_ROI, ledger_consent: bool = True,
                  dp_target_epsilon: float | None = None, dp_delta: float | None = None,
                  dp_max_grad_norm: float = 1.0, dp_accountant: str = "prv"):
         super().__init__()

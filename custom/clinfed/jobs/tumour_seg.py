@@ -34,10 +34,12 @@ from clinfed.filters.contribution_record import ContributionRecorder
 from clinfed.filters.secure_mask import SecureMaskFilter
 from clinfed.models.fusion_seg import FusionSegNet
 from clinfed.privacy import PRIVACY_MODES
+from clinfed.training import DEFAULT_BATCH_SIZE, DEFAULT_LOCAL_EPOCHS, DEFAULT_LR, DEFAULT_ROI
 from clinfed.widgets.ledger_recorder import LedgerRecorder
 from clinfed.widgets.round_log import RoundLogWriter
 
 FEDAVG_JOB_NAME = "tumour_seg_fedavg"
+DEFAULT_ROUNDS = 4
 PRIVATE_JOB_NAME = "tumour_seg_private"
 # Classes outside clinfed. that our jobs use and FLARE's default allow-list lacks.
 EXTRA_ALLOWED_CLASSES = ("nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
@@ -66,9 +68,9 @@ class TumourSegFedAvgRecipe(Recipe):
         mask_weight_bound: bound on the sum of the sites' ``n_samples`` in the first masked round.
     """
 
-    def __init__(self, *, name: str = FEDAVG_JOB_NAME, min_clients: int = 3, num_rounds: int = 8,
-                 local_epochs: int = 2, batch_size: int = 2, lr: float = 5e-3,
-                 roi: tuple[int, int, int] = (32, 32, 16), cross_site_eval: bool = True,
+    def __init__(self, *, name: str = FEDAVG_JOB_NAME, min_clients: int = 3, num_rounds: int = DEFAULT_ROUNDS,
+                 local_epochs: int = DEFAULT_LOCAL_EPOCHS, batch_size: int = DEFAULT_BATCH_SIZE, lr: float = DEFAULT_LR,
+                 roi: tuple[int, int, int] = DEFAULT_ROI, cross_site_eval: bool = True,
                  ledger_policy: str | None = None, privacy: str = "none", dp_target_epsilon: float = 8.0,
                  dp_max_grad_norm: float = 1.0, mask_clip_range: float = 0.5, mask_weight_bound: float = 1e4):
         if privacy not in PRIVACY_MODES:
