@@ -95,11 +95,11 @@ def train_epochs(model: torch.nn.Module, loader: DataLoader, config: TrainConfig
     use_amp = device.type == "cuda"
     model.train()
     # The loss sum stays on the device: reading it every step would make the GPU wait for the host.
-    total, steps = torch.zeros((), device=device), 0
+    total, steps, scored = torch.zeros((), device=device), 0, 0
     for _ in range(config.epochs):
         for batch in loader:
             if should_abort():
-                return {"loss": float(total) / max(steps, 1), "steps": steps, "aborted": True}
+                return {"loss": float(total) / max(scored, 1), "steps": steps, "aborted": True}
             image, label = batch["image"].to(device), batch["label"].to(device)
             ehr, outcome = batch["ehr"].to(device), batch["outcome"].to(device)
             optimizer.zero_grad(set_to_none=True)
@@ -109,9 +109,11 @@ def train_epochs(model: torch.nn.Module, loader: DataLoader, config: TrainConfig
                     outcome_logit.float(), outcome)
             loss.backward()
             optimizer.step()
-            total += loss.detach()
             steps += 1
-    return {"loss": float(total) / max(steps, 1), "steps": steps, "aborted": False}
+            if image.shape[0]:  # an empty Poisson batch (DP-SGD) takes a noise-only step and has no loss
+                total += loss.detach()
+                scored += 1
+    return {"loss": float(total) / max(scored, 1), "steps": steps, "aborted": False}
 
 
 @torch.no_grad()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
@@ -103,6 +105,18 @@ def test_empty_poisson_batch_is_a_noise_only_step_in_expanded_weights_mode(tmp_p
         private.optimizer.step()
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the noise moved it
+
+
+def test_an_empty_poisson_batch_steps_but_does_not_turn_the_reported_loss_into_nan(tmp_path):
+    model = FusionSegNet()
+    dp = make_dp(tmp_path / "dp.json", grad_sample_mode="ew")
+    loader = torch.utils.data.DataLoader(synthetic_batch(N, seed=0), batch_size=BATCH)
+    full = next(iter(loader))
+    empty = {"image": torch.zeros(0, 1, *ROI), "label": torch.zeros(0, 1, *ROI), "ehr": torch.zeros(0, 8),
+             "outcome": torch.zeros(0)}
+    with dp.private_round(model, torch.optim.Adam(model.parameters(), lr=1e-3), loader, round_=0) as private:
+        stats = train_epochs(private.model, [full, empty, full], CONFIG, optimizer=private.optimizer)
+    assert stats["steps"] == 3 and math.isfinite(stats["loss"]) and stats["loss"] > 0
 
 
 def test_expanded_weights_per_sample_gradients_equal_the_hooks_ones():
