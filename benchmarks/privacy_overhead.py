@@ -234,6 +234,7 @@ def flare_rounds_section(site_counts: list[int], rounds: int) -> dict:
 
     from clinfed.aggregators.fedavg import WeightedFedAvg
     from clinfed.aggregators.masked_sum import MaskedFedAvg
+    from clinfed.jobs.tumour_seg import TASK_CHECK_PERIOD
     from clinfed.filters.secure_mask import SecureMaskFilter
     from clinfed.filters.update_dp import UpdateDPFilter
     from clinfed.privacy.masking import generate_private_key_file, write_key_directory
@@ -257,10 +258,11 @@ def flare_rounds_section(site_counts: list[int], rounds: int) -> dict:
                 persistor = job.comp_ids["persistor_id"]
                 if "mask" in config:
                     job.to_server(MaskedFedAvg(num_clients=n_sites, num_rounds=rounds, persistor_id=persistor,
-                                               clip_range=0.5, weight_bound=30.0 * n_sites))
+                                               clip_range=0.5, weight_bound=30.0 * n_sites,
+                                               task_check_period=TASK_CHECK_PERIOD))
                 else:
                     job.to_server(FedAvg(num_clients=n_sites, num_rounds=rounds, persistor_id=persistor,
-                                         aggregator=WeightedFedAvg()))
+                                         aggregator=WeightedFedAvg(), task_check_period=TASK_CHECK_PERIOD))
                 for site in sites:
                     job.to(ScriptedUpdateExecutor(n_samples=30), site, tasks=["train"])
                     if "dp" in config:
