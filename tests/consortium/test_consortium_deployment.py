@@ -57,7 +57,9 @@ def consortium(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("consortium")
     out, data = root / "trial", root / "data"
-    synthesise(data, 3, 6, (32, 32, 16), 1)
+    # 10 patients a site: the validation split follows pseudonyms keyed by a fresh random secret,
+    # and with 6 (4 usable) a site drew all of them into validation now and then (no one to train).
+    synthesise(data, 3, 10, (32, 32, 16), 1)
     definition = consortium_dict()
     definition["coordinator"]["client_outcome_wait_timeout"] = OUTCOME_WAIT
     consortium_yml = write_consortium(root / "consortium.yml", definition)
