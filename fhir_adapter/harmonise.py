@@ -1,48 +1,27 @@
-"""Turn one site's FHIR R4 export into one pseudonymised feature row per patient.
+"""Turn one site's FHIR R4 export into pseudonymised rows, one per imaging study, under a study's rules.
 
-Schema of a row (:data:`FEATURE_COLUMNS`, in this order):
+What is read comes from the study definition (:class:`~fhir_adapter.rules.FhirRules`); this
+module holds no code list. A row (:class:`HarmonisedRow`) is one ImagingStudy of one patient,
+joined by its StudyInstanceUID (identifier system ``urn:dicom:uid``, ``urn:oid:`` prefix
+removed); every feature is taken relative to that study's ``started`` date:
 
-======================  =====================================================================
-column                  meaning
-======================  =====================================================================
-pseudonym               ``pseudonymise(MRN)``; the MRN is the Patient identifier whose type is
-                        v2-0203 ``MR`` (or whose system is in ``mrn_systems``).
-study_instance_uid      DICOM Study Instance UID of the patient's ImagingStudy (identifier with
-                        system ``urn:dicom:uid``, ``urn:oid:`` prefix removed). With several
-                        studies, the latest ``started`` wins. None when there is none.
-age_at_study            years from ``birthDate`` to that study's ``started``, as
-                        ``days / 365.25``. None when either date is missing or partial.
-sex_female              1 for ``gender`` female, 0 for male, None otherwise.
-glucose_mmol_l          blood/serum glucose in mmol/L (from mg/dL, mmol/L). LOINC 2345-7,
-                        2339-0, 15074-8, 14749-6.
-creatinine_umol_l       serum creatinine in umol/L (from mg/dL, mmol/L, umol/L, µmol/L). LOINC
-                        2160-0, 38483-4, 14682-9, 59826-8.
-dx_liver_cancer         1 if a Condition codes liver cancer (SNOMED 25370001, 93870000;
-                        ICD-10 C22.x), else 0.
-dx_diabetes             1 for diabetes mellitus (SNOMED 73211009, 44054006, 46635009; ICD-10
-                        E10-E14 and subcodes), else 0.
-dx_hypertension         1 for hypertension (SNOMED 38341003, 59621000; ICD-10 I10-I13, I15),
-                        else 0.
-outcome_high_grade      tumour grade Observation (LOINC 33732-9): 1 for SNOMED 61026006 Grade 3,
-                        0 for 54102005 Grade 1 or 1663004 Grade 2, None when absent.
-consent_status          ``"active"``, ``"revoked"`` or ``"none"`` for the given study.
-======================  =====================================================================
+- ``age``: years from ``birthDate`` to the study date (days / 365.25); ``sex_female``: 1 for
+  gender female, 0 for male, missing for other and unknown.
+- labs: quantity Observations coded in the lab's value set, converted to its canonical UCUM unit
+  (:mod:`fhir_adapter.units`), the one closest to the study date within the lab's window.
+- coded features (e.g. staging): the value map of the closest coded Observation in the window.
+- diagnoses: 1 when a Condition in the value set is dated within the window before the study
+  (an undated Condition counts as history), else 0; missing when the patient has no Condition.
+- the outcome: the class its value map gives the closest outcome Observation in the window.
 
-Rules worth knowing:
+A patient without any ImagingStudy gets one row with no study UID, its values the latest.
+A value that is absent, implausible (outside the study's range, age outside 0-120, gender
+outside the FHIR value set, not a finite number) or in a unit that does not convert is missing
+(``None``), and every implausible or unconvertible one is an issue naming file, line and field.
 
-- With several lab or grade Observations, the one closest in time to the study wins (without
-  a study date, the latest). Ties go to the one read first.
-- ICD-10 is read from ``http://hl7.org/fhir/sid/icd-10``, ``-cm`` and the German ``-gm``
-  systems; dots are ignored, so E11.9 and E119 both match E11. Conditions whose
-  verificationStatus is refuted or entered-in-error do not count; clinicalStatus does not
-  matter (history counts).
-- A Consent counts for the study only when its ``provision.data`` (at any nesting level)
-  references the identifier ``urn:clinfed:study|<study_id>``; the most deeply nested such
-  provision's ``type`` applies. ``status`` active with ``permit`` -> active; active with
-  ``deny``, ``inactive`` or ``rejected`` -> revoked; draft, proposed and entered-in-error are
-  ignored. The latest ``dateTime`` wins (none counts as earliest); on a tie, revoked wins.
-- Patient-identifying values (MRN, names, birth date) never reach the rows, the consent list
-  or the issue messages.
+Consent is the patient's, decided by :mod:`fhir_adapter.consent`. Issues never carry patient
+data: logical ids appear pseudonymised (``Patient/<pseudonym of the id>``), like MRNs; values,
+MRNs, names and dates are never echoed.
 """
 
 from __future__ import annotations
@@ -50,94 +29,91 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fhir_adapter import terminology as t
+from fhir_adapter.consent import ConsentFact, Decision, decide, read_consent
 from fhir_adapter.errors import FhirInputError
 from fhir_adapter.reader import ParsedResource, fhir_files, iter_fhir_file
-
-FEATURE_COLUMNS: tuple[str, ...] = (
-    "pseudonym",
-    "study_instance_uid",
-    "age_at_study",
-    "sex_female",
-    "glucose_mmol_l",
-    "creatinine_umol_l",
-    "dx_liver_cancer",
-    "dx_diabetes",
-    "dx_hypertension",
-    "outcome_high_grade",
-    "consent_status",
-)
-
-CONSENT_STATUSES = ("active", "revoked", "none")
+from fhir_adapter.rules import FhirRules, Window
+from fhir_adapter.units import UnitError, conversion_factor, normalise_printed_unit
 
 _DICOM_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _IGNORED_OBSERVATION_STATUS = {"entered-in-error", "cancelled"}
 _IGNORED_STUDY_STATUS = {"entered-in-error", "cancelled"}
 _IGNORED_VERIFICATION = {"refuted", "entered-in-error"}
-_UTC = dt.timezone.utc
-_SHOWN_UNITS = {"glucose": ("mmol/L", "mg/dL"), "creatinine": ("umol/L", "mmol/L", "mg/dL")}
 
 
 @dataclass(frozen=True)
 class HarmonisedRow:
-    """One patient's features; field names and order are :data:`FEATURE_COLUMNS`."""
+    """One imaging study of one patient (or the patient alone, ``study_instance_uid`` None).
+
+    ``features`` maps every name of ``FhirRules.feature_names`` to a value or None (missing).
+    ``study_date`` stays at the site: it never enters a case, a report or a log.
+    """
 
     pseudonym: str
     study_instance_uid: str | None
-    age_at_study: float | None
-    sex_female: int | None
-    glucose_mmol_l: float | None
-    creatinine_umol_l: float | None
-    dx_liver_cancer: int
-    dx_diabetes: int
-    dx_hypertension: int
-    outcome_high_grade: int | None
+    study_date: dt.date | None
+    features: dict[str, float | None]
+    outcome: int | None
     consent_status: str
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"pseudonym": self.pseudonym, "study_instance_uid": self.study_instance_uid,
+                **self.features, "outcome": self.outcome, "consent_status": self.consent_status}
 
 
 @dataclass(frozen=True)
 class ConsentDecision:
     """The consent that decides whether a pseudonym's data may be used for the study.
 
-    ``consent_sha256`` is the SHA-256 (hex) of :func:`canonical_json` of the deciding Consent
-    as read from the export; None when the status is ``"none"``.
+    ``consent_resource`` is the deciding Consent exactly as read (canonical JSON, bytes): the
+    evidence the site relied on, for the ledger's keyed commitment; ``consent_source`` its
+    ``file:line``. ``consent_sha256`` is the SHA-256 of ``consent_resource``. All None for
+    ``"none"``.
     """
 
     pseudonym: str
-    status: str
+    status: str  # active | revoked | draft | proposed | none
     consent_sha256: str | None
+    consent_resource: bytes | None = None
+    consent_source: str | None = None
+    period: tuple[dt.date | None, dt.date | None] | None = None
 
 
 @dataclass
 class HarmonisedSite:
-    rows: dict[str, HarmonisedRow]
+    rows: dict[str, tuple[HarmonisedRow, ...]]  # pseudonym -> its rows, by study date
     consents: dict[str, ConsentDecision]
     issues: list[FhirInputError]
     resources_read: dict[str, int]  # valid resources per resourceType
+    feature_names: tuple[str, ...] = ()
+    by_study: dict[str, HarmonisedRow] = field(default_factory=dict)  # StudyInstanceUID -> row
 
     def table(self) -> list[dict[str, Any]]:
-        """Rows as dicts in :data:`FEATURE_COLUMNS` order, sorted by pseudonym."""
-        return [self.rows[p].as_dict() for p in sorted(self.rows)]
+        """Every row as a dict (pseudonym, study UID, features, outcome, consent), sorted."""
+        return [row.as_dict() for p in sorted(self.rows) for row in self.rows[p]]
+
+    def row(self, pseudonym: str) -> HarmonisedRow:
+        """The single row of a patient with exactly one (tests and one-study exports)."""
+        (only,) = self.rows[pseudonym]
+        return only
 
 
 def canonical_json(resource: dict[str, Any]) -> bytes:
     """Sorted keys, no insignificant whitespace, UTF-8 (non-ASCII kept as is)."""
-    return json.dumps(resource, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False).encode("utf-8")
+    return json.dumps(resource, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def consent_sha256(resource: dict[str, Any]) -> str:
-    """Hex SHA-256 of the canonical JSON of a FHIR resource (the ledger's consent digest)."""
+    """Hex SHA-256 of the canonical JSON of a FHIR resource."""
     return hashlib.sha256(canonical_json(resource)).hexdigest()
 
 
@@ -150,11 +126,15 @@ def consent_sha256(resource: dict[str, Any]) -> str:
 class _Source:
     path: Path
     line: int
-    label: str
+    label: str  # already pseudonymised
     order: int
 
     def issue(self, problem: str) -> FhirInputError:
         return FhirInputError(self.path, self.line, problem, self.label)
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
 
 
 @dataclass
@@ -169,10 +149,10 @@ class _Patient:
 class _Fact:
     src: _Source
     subject: Any  # R4B Reference
-    kind: str  # study | dx | glucose | creatinine | grade | consent
+    kind: str  # study | dx | lab | coded | outcome | consent | condition
+    name: str | None
     value: Any
     when: dt.date | None = None
-    consent_at: dt.datetime | None = None
 
 
 @dataclass
@@ -184,223 +164,298 @@ class _Collected:
     facts: list[_Fact] = field(default_factory=list)
 
 
-def harmonise_site(fhir_dir: Path, study_id: str, pseudonymise: Callable[[str], str],
-                   mrn_systems: Iterable[str] = ()) -> HarmonisedSite:
-    """Read every ``.ndjson``/``.json`` file in ``fhir_dir`` (or that one file) into rows.
+class _Harmoniser:
+    def __init__(self, rules: FhirRules, pseudonymise: Callable[[str], str]):
+        self.rules = rules
+        self.pseudonymise = pseudonymise
+        self.issues: list[FhirInputError] = []
+        self.c = _Collected()
+        self._labels: dict[str, str] = {}
+        # (system, code) -> ("lab"|"coded"|"outcome", feature): one dict lookup per coding.
+        self.observation_codes: dict[tuple[str, str], tuple[str, Any]] = {}
+        for kind, features in (("lab", rules.labs), ("coded", rules.coded),
+                               ("outcome", [rules.outcome] if rules.outcome else [])):
+            for feature in features:
+                for coding in feature.codes.codes:
+                    self.observation_codes[coding] = (kind, feature)
+
+    # -- ids never appear in clear: Type/<pseudonym of the logical id>
+    def label(self, raw_label: str | None) -> str | None:
+        if raw_label is None or "/" not in raw_label:
+            return raw_label
+        if raw_label not in self._labels:
+            rtype = raw_label.split("/", 1)[0]
+            self._labels[raw_label] = f"{rtype}/{self.pseudonymise('fhir-id:' + raw_label)}"
+        return self._labels[raw_label]
+
+    def add_issue(self, issue: FhirInputError) -> None:
+        if issue.resource:
+            issue = FhirInputError(issue.path, issue.line, issue.problem, self.label(issue.resource))
+        self.issues.append(issue)
+
+    # -- one resource
+    def collect(self, parsed: ParsedResource, order: int) -> None:
+        src = _Source(parsed.path, parsed.line, self.label(parsed.label), order)
+        model, rtype = parsed.model, parsed.resource_type
+        if rtype == "Patient":
+            self._patient(parsed, src)
+        elif rtype == "ImagingStudy":
+            if model.status in _IGNORED_STUDY_STATUS:
+                return
+            uid = _study_uid(model)
+            if uid is None:
+                self.issues.append(src.issue("ImagingStudy has no Study Instance UID: expected an identifier "
+                                             f"with system {t.DICOM_UID_SYSTEM}"))
+            elif not _DICOM_UID.match(uid) or len(uid) > 64:
+                self.issues.append(src.issue("ImagingStudy identifier is not a valid DICOM UID (digits and dots, "
+                                             "at most 64 characters)"))
+            else:
+                self.c.facts.append(_Fact(src, model.subject, "study", None, uid, _to_date(model.started)))
+        elif rtype == "Condition":
+            self._condition(model, src)
+        elif rtype == "Observation":
+            self._observation(model, src)
+        elif rtype == "Consent":
+            fact = read_consent(model, parsed.raw, self.rules.consent, order, src.where)
+            if fact is None:
+                return
+            if model.patient is None:
+                self.issues.append(src.issue("Consent for the study has no patient reference"))
+                return
+            self.c.facts.append(_Fact(src, model.patient, "consent", None, fact))
+
+    def _patient(self, parsed: ParsedResource, src: _Source) -> None:
+        model, c = parsed.model, self.c
+        key = f"Patient/{model.id}" if model.id else (parsed.full_url or f"{src.path}:{src.line}")
+        if key in c.patients or key in c.unusable:
+            first = c.patients.get(key)
+            where = f" (first read at {first.src.where})" if first else ""
+            self.issues.append(src.issue(f"duplicate {self.label(key)}{where}; this copy is ignored"))
+            return
+        if parsed.full_url:
+            c.aliases[parsed.full_url] = key
+        identifier = _mrn_identifier(model, self.rules.mrn_systems)
+        if identifier is None:
+            c.unusable.add(key)
+            self.issues.append(src.issue("Patient has no MRN: expected an identifier with type MR "
+                                         f"({t.V2_0203}) and a value; the patient is left out"))
+            return
+        birth_date = _to_date(model.birthDate)
+        if birth_date is not None and birth_date > dt.date.today():
+            self.issues.append(src.issue("Patient.birthDate is in the future; age is treated as missing"))
+            birth_date = None
+        gender = model.gender
+        if gender is not None and gender not in t.ADMINISTRATIVE_GENDERS:
+            self.issues.append(src.issue("Patient.gender is not in the FHIR administrative-gender value set "
+                                         f"({', '.join(t.ADMINISTRATIVE_GENDERS)}); sex is treated as missing"))
+            gender = None
+        c.patients[key] = _Patient(src, identifier.value, gender, birth_date)
+        c.by_identifier.setdefault((identifier.system, identifier.value), key)
+
+    def _condition(self, model: Any, src: _Source) -> None:
+        if _codes(model.verificationStatus) & _IGNORED_VERIFICATION:
+            return
+        when = _to_date(model.recordedDate or model.onsetDateTime
+                        or (model.onsetPeriod.start if model.onsetPeriod else None))
+        self.c.facts.append(_Fact(src, model.subject, "condition", None, None, when))
+        for feature in self.rules.diagnoses:
+            if feature.codes.matches_concept(model.code):
+                self.c.facts.append(_Fact(src, model.subject, "dx", feature.name, 1.0, when))
+
+    def _observation(self, model: Any, src: _Source) -> None:
+        if model.status in _IGNORED_OBSERVATION_STATUS or model.code is None:
+            return
+        found = None
+        for coding in model.code.coding or ():
+            found = self.observation_codes.get((coding.system, coding.code))
+            if found:
+                break
+        if found is None:
+            return
+        kind, feature = found
+        if model.subject is None:
+            self.issues.append(src.issue(f"{feature.name} Observation has no subject: expected a Patient reference"))
+            return
+        when = _to_date(model.effectiveDateTime or model.effectiveInstant
+                        or (model.effectivePeriod.start if model.effectivePeriod else None) or model.issued)
+        if kind == "lab":
+            value = self._lab_value(model, src, feature)
+        else:
+            table = feature.classes if kind == "outcome" else feature.values
+            values = {table[(cd.system, cd.code)] for cd in (model.valueCodeableConcept.coding or ())
+                      if (cd.system, cd.code) in table} if model.valueCodeableConcept else set()
+            if len(values) != 1:
+                if model.dataAbsentReason is None:
+                    self.issues.append(src.issue(
+                        f"{feature.name} Observation: valueCodeableConcept is not one of the study's "
+                        f"{len(table)} mapped codes (Observation.valueCodeableConcept); treated as missing"))
+                return
+            value = values.pop()
+        if value is not None:
+            self.c.facts.append(_Fact(src, model.subject, kind, feature.name, value, when))
+
+    def _lab_value(self, model: Any, src: _Source, lab) -> float | None:
+        quantity = model.valueQuantity
+        if quantity is None or quantity.value is None:
+            if model.dataAbsentReason is None:
+                self.issues.append(src.issue(f"{lab.name} Observation has no valueQuantity.value"))
+            return None
+        unit = quantity.code if quantity.code and quantity.system in (None, t.UCUM) else quantity.unit
+        try:
+            if not unit:
+                raise UnitError("no unit")
+            factor = conversion_factor(normalise_printed_unit(unit), lab.unit, lab.molar_mass_g_per_mol)
+        except UnitError:
+            # The unit itself is not echoed: free text from the source may carry patient data.
+            self.issues.append(src.issue(f"{lab.name} Observation.valueQuantity unit is missing, not UCUM, or "
+                                         f"does not convert to {lab.unit}; treated as missing"))
+            return None
+        value = float(quantity.value) * factor
+        if not math.isfinite(value):
+            self.issues.append(src.issue(f"{lab.name} Observation.valueQuantity.value is not a finite number; "
+                                         "treated as missing"))
+            return None
+        low, high = lab.plausible
+        if not low <= value <= high:
+            self.issues.append(src.issue(f"{lab.name} Observation.valueQuantity.value is outside the plausible range "
+                                         f"{low:g}-{high:g} {lab.unit}; treated as missing"))
+            return None
+        return value
+
+    # -- assembly
+    def assemble(self) -> tuple[dict[str, tuple[HarmonisedRow, ...]], dict[str, ConsentDecision]]:
+        c = self.c
+        pseudonyms: dict[str, str] = {}  # MRN -> pseudonym
+        patient_of: dict[str, str] = {}  # Patient key -> pseudonym
+        first_patient: dict[str, _Patient] = {}
+        for key, patient in c.patients.items():
+            if patient.mrn not in pseudonyms:
+                pseudonyms[patient.mrn] = self.pseudonymise(patient.mrn)
+            pseudonym = pseudonyms[patient.mrn]
+            patient_of[key] = pseudonym
+            if pseudonym in first_patient:
+                other = first_patient[pseudonym].src
+                self.issues.append(patient.src.issue(f"has the same MRN as {other.label} ({other.where}); their "
+                                                     "records are merged"))
+            else:
+                first_patient[pseudonym] = patient
+
+        facts_of: dict[str, list[_Fact]] = {p: [] for p in first_patient}
+        for fact in c.facts:
+            key = _resolve(fact.subject, c)
+            if key in patient_of:
+                facts_of[patient_of[key]].append(fact)
+            elif key not in c.unusable:  # a Patient without MRN was reported already
+                shown = self.label(key) if key and len(key) <= 80 else "the subject"
+                self.issues.append(fact.src.issue(f"references {shown}, which is not a Patient in this export; "
+                                                  "the resource is skipped"))
+
+        rows: dict[str, tuple[HarmonisedRow, ...]] = {}
+        consents: dict[str, ConsentDecision] = {}
+        for pseudonym, patient in first_patient.items():
+            by_kind: dict[str, list[_Fact]] = {}
+            for fact in facts_of[pseudonym]:
+                by_kind.setdefault(fact.kind, []).append(fact)
+            decision = decide([f.value for f in by_kind.get("consent", [])])
+            consents[pseudonym] = _consent_decision(pseudonym, decision)
+            studies = sorted(by_kind.get("study", []), key=lambda f: (f.when or dt.date.min, f.src.order))
+            seen: set[str] = set()
+            patient_rows = []
+            for study in studies or [None]:
+                if study is not None and study.value in seen:
+                    continue  # the same study listed twice: one case
+                if study is not None:
+                    seen.add(study.value)
+                patient_rows.append(self._row(pseudonym, patient, by_kind, study, decision.status))
+            rows[pseudonym] = tuple(patient_rows)
+        return rows, consents
+
+    def _row(self, pseudonym: str, patient: _Patient, by_kind: dict[str, list[_Fact]], study: _Fact | None,
+             consent_status: str) -> HarmonisedRow:
+        rules = self.rules
+        day = study.when if study else None
+        features: dict[str, float | None] = {}
+        if rules.demographics.age:
+            age = None
+            if patient.birth_date and day:
+                age = (day - patient.birth_date).days / 365.25
+                low, high = rules.demographics.age_range
+                if not low <= age <= high:
+                    self.issues.append(patient.src.issue(
+                        f"age at the imaging study is outside the plausible range {low:g}-{high:g} years "
+                        "(Patient.birthDate); age is treated as missing"))
+                    age = None
+            features["age"] = age
+        if rules.demographics.sex:
+            features["sex_female"] = {"female": 1.0, "male": 0.0}.get(patient.gender or "")
+        for kind, group in (("lab", rules.labs), ("coded", rules.coded)):
+            for feature in group:
+                candidates = [f for f in by_kind.get(kind, []) if f.name == feature.name]
+                features[feature.name] = _closest(candidates, day, feature.window)
+        has_conditions = bool(by_kind.get("condition"))
+        for feature in rules.diagnoses:
+            hits = [f for f in by_kind.get("dx", []) if f.name == feature.name
+                    and (day is None or f.when is None or feature.window.contains((f.when - day).days))]
+            features[feature.name] = (1.0 if hits else 0.0) if has_conditions else None
+        outcome = None
+        if rules.outcome is not None:
+            outcome = _closest(by_kind.get("outcome", []), day, rules.outcome.window)
+        return HarmonisedRow(pseudonym, study.value if study else None, day, features,
+                             None if outcome is None else int(outcome), consent_status)
+
+
+def harmonise_site(fhir_dir: Path, rules: FhirRules, pseudonymise: Callable[[str], str]) -> HarmonisedSite:
+    """Read every FHIR file in ``fhir_dir`` (or that one file) into rows under ``rules``.
 
     Args:
         fhir_dir: folder of a FHIR bulk export (NDJSON) and/or JSON Bundles, or one such file.
-        study_id: the research study whose Consents count (``urn:clinfed:study`` identifier).
-        pseudonymise: maps an MRN to the pseudonym that keys the rows; called once per MRN.
-        mrn_systems: identifier systems that are MRNs even without the ``MR`` type, for sites
-            whose Patients carry untyped identifiers.
+        rules: the study's FHIR rules (``StudyDefinition.fhir``).
+        pseudonymise: maps an MRN (or a ``fhir-id:Type/id``) to its pseudonym; called once per value.
 
-    Unusable resources become ``issues`` and are skipped; the rest is still harmonised.
+    Unusable resources become ``issues`` and are skipped; the rest is still harmonised. Files
+    that are not FHIR exports are listed once each as ignored.
     """
     fhir_dir = Path(fhir_dir)
-    paths = [fhir_dir] if fhir_dir.is_file() else fhir_files(fhir_dir)
-    issues: list[FhirInputError] = []
+    work = _Harmoniser(rules, pseudonymise)
+    if fhir_dir.is_file():
+        paths = [fhir_dir]
+    else:
+        paths, ignored = fhir_files(fhir_dir)
+        for path, why in ignored:
+            work.issues.append(FhirInputError(path, None, f"ignored: {why}"))
     counts: Counter[str] = Counter()
-    collected = _Collected()
     order = 0
     for path in paths:
-        for parsed in iter_fhir_file(path, issues.append):
+        for parsed in iter_fhir_file(path, work.add_issue):
             counts[parsed.resource_type] += 1
             order += 1
-            src = _Source(parsed.path, parsed.line, parsed.label, order)
-            _collect(parsed, src, study_id, frozenset(mrn_systems), collected, issues)
-    rows, consents = _assemble(collected, pseudonymise, issues)
-    return HarmonisedSite(rows=rows, consents=consents, issues=issues,
-                          resources_read=dict(sorted(counts.items())))
+            work.collect(parsed, order)
+    rows, consents = work.assemble()
+    by_study = {row.study_instance_uid: row for patient_rows in rows.values() for row in patient_rows
+                if row.study_instance_uid}
+    return HarmonisedSite(rows=rows, consents=consents, issues=work.issues, resources_read=dict(sorted(counts.items())),
+                          feature_names=rules.feature_names, by_study=by_study)
 
 
-def _collect(parsed: ParsedResource, src: _Source, study_id: str, mrn_systems: frozenset[str],
-             out: _Collected, issues: list[FhirInputError]) -> None:
-    model = parsed.model
-    rtype = parsed.resource_type
-    if rtype == "Patient":
-        _collect_patient(parsed, src, mrn_systems, out, issues)
-    elif rtype == "ImagingStudy":
-        if model.status in _IGNORED_STUDY_STATUS:
-            return
-        uid = _study_uid(model)
-        if uid is None:
-            issues.append(src.issue("ImagingStudy has no Study Instance UID: expected an "
-                                    f"identifier with system {t.DICOM_UID_SYSTEM}"))
-        elif not _DICOM_UID.match(uid) or len(uid) > 64:
-            issues.append(src.issue("ImagingStudy identifier is not a valid DICOM UID "
-                                    "(digits and dots, at most 64 characters)"))
-        else:
-            out.facts.append(_Fact(src, model.subject, "study", uid, when=_to_date(model.started)))
-    elif rtype == "Condition":
-        if _codes(model.verificationStatus) & _IGNORED_VERIFICATION:
-            return
-        flags = _dx_flags(model.code)
-        if flags:
-            out.facts.append(_Fact(src, model.subject, "dx", flags))
-    elif rtype == "Observation":
-        _collect_observation(model, src, out, issues)
-    elif rtype == "Consent":
-        status = _consent_status(model, study_id)
-        if status is None:
-            return
-        if model.patient is None:
-            issues.append(src.issue("Consent for the study has no patient reference"))
-            return
-        out.facts.append(_Fact(src, model.patient, "consent", (status, consent_sha256(parsed.raw)),
-                               consent_at=_to_utc(model.dateTime)))
+def _consent_decision(pseudonym: str, decision: Decision) -> ConsentDecision:
+    fact: ConsentFact | None = decision.fact
+    if fact is None:
+        return ConsentDecision(pseudonym, decision.status, None)
+    resource = canonical_json(fact.resource)
+    return ConsentDecision(pseudonym, decision.status, hashlib.sha256(resource).hexdigest(), resource,
+                           fact.source, fact.period)
 
 
-def _collect_patient(parsed: ParsedResource, src: _Source, mrn_systems: frozenset[str],
-                     out: _Collected, issues: list[FhirInputError]) -> None:
-    model = parsed.model
-    key = f"Patient/{model.id}" if model.id else (parsed.full_url or f"{src.path}:{src.line}")
-    if key in out.patients or key in out.unusable:
-        first = out.patients.get(key)
-        where = f" (first read at {first.src.path}:{first.src.line})" if first else ""
-        issues.append(src.issue(f"duplicate {key}{where}; this copy is ignored"))
-        return
-    if parsed.full_url:
-        out.aliases[parsed.full_url] = key
-    identifier = _mrn_identifier(model, mrn_systems)
-    if identifier is None:
-        out.unusable.add(key)
-        issues.append(src.issue("Patient has no MRN: expected an identifier with type MR "
-                                f"({t.V2_0203}) and a value; the patient is left out"))
-        return
-    birth_date = _to_date(model.birthDate)
-    if birth_date is not None and birth_date > dt.date.today():
-        issues.append(src.issue("birthDate is in the future; age is left empty"))
-        birth_date = None
-    out.patients[key] = _Patient(src, identifier.value, model.gender, birth_date)
-    out.by_identifier.setdefault((identifier.system, identifier.value), key)
-
-
-def _collect_observation(model: Any, src: _Source, out: _Collected,
-                         issues: list[FhirInputError]) -> None:
-    if model.status in _IGNORED_OBSERVATION_STATUS:
-        return
-    loinc = _codes(model.code, t.LOINC)
-    if loinc & t.GLUCOSE_LOINC:
-        kind, table, label = "glucose", t.GLUCOSE_TO_MMOL_L, "glucose"
-    elif loinc & t.CREATININE_LOINC:
-        kind, table, label = "creatinine", t.CREATININE_TO_UMOL_L, "creatinine"
-    elif t.TUMOUR_GRADE_LOINC[0] in loinc:
-        kind, table, label = "grade", None, "tumour grade"
-    else:
-        return
-    if model.subject is None:
-        issues.append(src.issue(f"{label} Observation has no subject: expected a Patient reference"))
-        return
-    when = _to_date(model.effectiveDateTime or model.effectiveInstant
-                    or (model.effectivePeriod.start if model.effectivePeriod else None)
-                    or model.issued)
-    if kind == "grade":
-        grades = {c: t.GRADE_TO_HIGH[c] for c in _codes(model.valueCodeableConcept, t.SNOMED)
-                  if c in t.GRADE_TO_HIGH}
-        if len(set(grades.values())) != 1:
-            issues.append(src.issue("tumour grade is not one known SNOMED grade: expected "
-                                    "valueCodeableConcept 54102005 (Grade 1), 1663004 (Grade 2) "
-                                    "or 61026006 (Grade 3)"))
-            return
-        out.facts.append(_Fact(src, model.subject, kind, next(iter(grades.values())), when=when))
-        return
-    quantity = model.valueQuantity
-    if (quantity is None or quantity.value is None) and model.dataAbsentReason is not None:
-        return  # the lab said why there is no value; nothing to report
-    if quantity is None or quantity.value is None:
-        issues.append(src.issue(f"{label} Observation has no valueQuantity.value"))
-        return
-    unit = quantity.code if quantity.code and quantity.system in (None, t.UCUM) else quantity.unit
-    factor = table.get(t.normalise_unit(unit)) if unit else None
-    if factor is None:
-        # The unit itself is not echoed: free text from the source may carry patient data.
-        issues.append(src.issue(f"{label} valueQuantity unit is missing or not known: expected "
-                                f"UCUM code or unit {' or '.join(_SHOWN_UNITS[kind])}"))
-        return
-    out.facts.append(_Fact(src, model.subject, kind, float(quantity.value) * factor, when=when))
-
-
-# ----------------------------------------------------------------------------- assembly
-
-
-def _assemble(c: _Collected, pseudonymise: Callable[[str], str],
-              issues: list[FhirInputError]) -> tuple[dict[str, HarmonisedRow], dict[str, ConsentDecision]]:
-    pseudonyms: dict[str, str] = {}  # MRN -> pseudonym
-    patient_of: dict[str, str] = {}  # Patient key -> pseudonym
-    first_patient: dict[str, _Patient] = {}
-    for key, patient in c.patients.items():
-        if patient.mrn not in pseudonyms:
-            pseudonyms[patient.mrn] = pseudonymise(patient.mrn)
-        pseudonym = pseudonyms[patient.mrn]
-        patient_of[key] = pseudonym
-        if pseudonym in first_patient:
-            other = first_patient[pseudonym].src
-            issues.append(patient.src.issue(f"has the same MRN as {other.label} ({other.path}:"
-                                            f"{other.line}); their records are merged"))
-        else:
-            first_patient[pseudonym] = patient
-
-    facts_of: dict[str, list[_Fact]] = {p: [] for p in first_patient}
-    for fact in c.facts:
-        key = _resolve(fact.subject, c)
-        if key in patient_of:
-            facts_of[patient_of[key]].append(fact)
-        elif key not in c.unusable:  # a Patient without MRN was reported already
-            shown = key if key and len(key) <= 80 else "the subject"
-            issues.append(fact.src.issue(f"references {shown}, which is not a Patient in this "
-                                         "export; the resource is skipped"))
-
-    rows: dict[str, HarmonisedRow] = {}
-    consents: dict[str, ConsentDecision] = {}
-    for pseudonym, patient in first_patient.items():
-        facts = facts_of[pseudonym]
-        by_kind: dict[str, list[_Fact]] = {}
-        for fact in facts:
-            by_kind.setdefault(fact.kind, []).append(fact)
-        study = max(by_kind.get("study", []), default=None,
-                    key=lambda f: (f.when or dt.date.min, -f.src.order))
-        study_date = study.when if study else None
-        age = None
-        if patient.birth_date and study_date:
-            age = (study_date - patient.birth_date).days / 365.25
-            if age < 0:
-                issues.append(patient.src.issue("birthDate is after the ImagingStudy start; "
-                                                "age is left empty"))
-                age = None
-        flags = set().union(*(f.value for f in by_kind.get("dx", [])))
-        consent = max(by_kind.get("consent", []), default=None,
-                      key=lambda f: (f.consent_at or dt.datetime.min.replace(tzinfo=_UTC),
-                                     f.value[0] == "revoked", f.src.order))
-        status, digest = consent.value if consent else ("none", None)
-        rows[pseudonym] = HarmonisedRow(
-            pseudonym=pseudonym,
-            study_instance_uid=study.value if study else None,
-            age_at_study=age,
-            sex_female={"female": 1, "male": 0}.get(patient.gender or ""),
-            glucose_mmol_l=_closest(by_kind.get("glucose"), study_date),
-            creatinine_umol_l=_closest(by_kind.get("creatinine"), study_date),
-            dx_liver_cancer=int("dx_liver_cancer" in flags),
-            dx_diabetes=int("dx_diabetes" in flags),
-            dx_hypertension=int("dx_hypertension" in flags),
-            outcome_high_grade=_closest(by_kind.get("grade"), study_date),
-            consent_status=status,
-        )
-        consents[pseudonym] = ConsentDecision(pseudonym, status, digest)
-    return rows, consents
-
-
-def _closest(facts: list[_Fact] | None, reference: dt.date | None) -> Any:
+def _closest(facts: list[_Fact], day: dt.date | None, window: Window) -> Any:
+    """Value of the fact closest to ``day`` within ``window`` (without a day: the latest)."""
     if not facts:
         return None
-    if reference is not None:
-        best = min(facts, key=lambda f: (f.when is None,
-                                         abs((f.when - reference).days) if f.when else 0,
-                                         f.src.order))
-    else:
-        best = min(facts, key=lambda f: (f.when is None,
-                                         -f.when.toordinal() if f.when else 0, f.src.order))
-    return best.value
+    if day is not None:
+        inside = [f for f in facts if f.when is not None and window.contains((f.when - day).days)]
+        if not inside:
+            return None
+        return min(inside, key=lambda f: (abs((f.when - day).days), f.src.order)).value
+    return min(facts, key=lambda f: (f.when is None, -f.when.toordinal() if f.when else 0, f.src.order)).value
 
 
 def _resolve(reference: Any, c: _Collected) -> str | None:
@@ -421,15 +476,11 @@ def _resolve(reference: Any, c: _Collected) -> str | None:
     return None
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
 def _mrn_identifier(patient: Any, mrn_systems: frozenset[str]) -> Any:
     for ident in patient.identifier or ():
         if not ident.value or ident.use == "old":
             continue
-        if (ident.type is not None and "MR" in _codes(ident.type, t.V2_0203)) \
-                or ident.system in mrn_systems:
+        if (ident.type is not None and "MR" in _codes(ident.type, t.V2_0203)) or ident.system in mrn_systems:
             return ident
     return None
 
@@ -449,64 +500,10 @@ def _codes(concept: Any, system: str | None = None) -> set[str]:
     return {c.code for c in concept.coding or () if c.code and (system is None or c.system == system)}
 
 
-def _dx_flags(concept: Any) -> set[str]:
-    flags: set[str] = set()
-    for coding in (concept.coding or ()) if concept is not None else ():
-        if not coding.code:
-            continue
-        for flag, (snomed, icd_prefixes) in t.DX_FLAGS.items():
-            if coding.system == t.SNOMED and coding.code in snomed:
-                flags.add(flag)
-            elif coding.system in t.ICD10_SYSTEMS:
-                code = coding.code.replace(".", "").upper()
-                if any(code.startswith(p) for p in icd_prefixes):
-                    flags.add(flag)
-    return flags
-
-
-def _consent_status(consent: Any, study_id: str) -> str | None:
-    """``"active"``/``"revoked"`` if this Consent is about the study, None if it does not count."""
-    provision_type = _study_provision_type(consent.provision, study_id)
-    if provision_type is None:
-        return None
-    if consent.status == "active":
-        return "revoked" if provision_type == "deny" else "active"
-    if consent.status in ("inactive", "rejected"):
-        return "revoked"
-    return None  # draft, proposed, entered-in-error
-
-
-def _study_provision_type(provision: Any, study_id: str, inherited: str | None = None) -> str | None:
-    """``type`` of the most deeply nested provision that names the study, None if none does."""
-    if provision is None:
-        return None
-    own_type = provision.type or inherited or "permit"
-    for child in provision.provision or ():
-        found = _study_provision_type(child, study_id, own_type)
-        if found is not None:
-            return found
-    for data in provision.data or ():
-        ident = data.reference.identifier if data.reference is not None else None
-        if ident is not None and ident.system == t.STUDY_IDENTIFIER_SYSTEM and ident.value == study_id:
-            return own_type
-    return None
-
-
 def _to_date(value: Any) -> dt.date | None:
     """The local calendar date of a FHIR date/dateTime/instant; None if absent or partial."""
     if isinstance(value, dt.datetime):
         return value.date()
     if isinstance(value, dt.date):
         return value
-    return None
-
-
-def _to_utc(value: Any) -> dt.datetime | None:
-    if isinstance(value, dt.datetime):
-        return value.astimezone(_UTC) if value.tzinfo else value.replace(tzinfo=_UTC)
-    if isinstance(value, dt.date):
-        return dt.datetime(value.year, value.month, value.day, tzinfo=_UTC)
-    if isinstance(value, str):  # partial date: "2020" or "2020-05"
-        parts = [int(p) for p in value.split("-")[:2]]
-        return dt.datetime(parts[0], parts[1] if len(parts) > 1 else 1, 1, tzinfo=_UTC)
     return None

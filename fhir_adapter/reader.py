@@ -90,7 +90,12 @@ def _describe(exc: Exception) -> str:
 
 
 def iter_ndjson(path: Path, on_issue: OnIssue) -> Iterator[ParsedResource]:
-    """Resources of an NDJSON file, read one line at a time. Blank lines are allowed."""
+    """Resources of an NDJSON file, read one line at a time. Blank lines are allowed.
+
+    A line holding a Bundle yields the Bundle's entries (each reported at that line). A file
+    that is one pretty-printed JSON document rather than NDJSON is read as such, with one issue
+    saying so; one that is neither gets one issue, not one per line.
+    """
     path = Path(path)
     with path.open("rb") as fh:
         for lineno, data in enumerate(fh, start=1):
@@ -102,11 +107,32 @@ def iter_ndjson(path: Path, on_issue: OnIssue) -> Iterator[ParsedResource]:
                 on_issue(FhirInputError(path, lineno, "line is not valid UTF-8"))
                 continue
             except json.JSONDecodeError as exc:
+                if data.strip() in (b"{", b"["):  # the first line of a pretty-printed document
+                    yield from _pretty_printed(path, on_issue)
+                    return
                 on_issue(FhirInputError(path, lineno, f"invalid JSON: {exc.msg} at column {exc.colno}"))
+                continue
+            if isinstance(raw, dict) and raw.get("resourceType") == "Bundle" and isinstance(raw.get("entry"), list):
+                yield from _bundle_entries(raw, path, lambda _pos, line=lineno: line, on_issue)
                 continue
             parsed = validate_resource(raw, path, lineno, on_issue)
             if parsed is not None:
                 yield parsed
+
+
+def _pretty_printed(path: Path, on_issue: OnIssue) -> Iterator[ParsedResource]:
+    issues: list[FhirInputError] = []
+    resources = list(iter_json_file(path, issues.append))
+    if issues and any("invalid JSON" in i.problem or "not valid UTF-8" in i.problem for i in issues):
+        first = issues[0]
+        on_issue(FhirInputError(path, first.line, "not NDJSON (one resource per line) and not a valid JSON "
+                                                  f"document either: {first.problem}; the file is skipped"))
+        return
+    on_issue(FhirInputError(path, None, "holds one pretty-printed JSON document, not NDJSON (one resource per "
+                                        "line); it was read as a JSON file"))
+    for issue in issues:
+        on_issue(issue)
+    yield from resources
 
 
 def iter_json_file(path: Path, on_issue: OnIssue) -> Iterator[ParsedResource]:
@@ -136,11 +162,18 @@ def iter_json_file(path: Path, on_issue: OnIssue) -> Iterator[ParsedResource]:
         if parsed is not None:
             yield parsed
         return
-    for pos, entry in entries or ():
-        line = lines.line_at(pos)
+    yield from _bundle_entries({**fields, "entry": entries or []}, path, lines.line_at, on_issue,
+                               positioned=True)
+
+
+def _bundle_entries(bundle: dict, path: Path, line_of, on_issue: OnIssue,
+                    positioned: bool = False) -> Iterator[ParsedResource]:
+    """Validated resources of a Bundle's entries; ``line_of(position)`` gives an entry's line."""
+    for item in bundle["entry"]:
+        pos, entry = item if positioned else (None, item)
+        line = line_of(pos)
         if not isinstance(entry, dict):
-            on_issue(FhirInputError(path, line, "Bundle.entry is not a JSON object",
-                                    resource_label(fields)))
+            on_issue(FhirInputError(path, line, "Bundle.entry is not a JSON object", resource_label(bundle)))
             continue
         if "resource" not in entry:
             continue
@@ -161,18 +194,32 @@ def iter_fhir_file(path: Path, on_issue: OnIssue) -> Iterator[ParsedResource]:
         on_issue(FhirInputError(path, None, "not a FHIR file: expected .ndjson or .json"))
 
 
-def fhir_files(fhir_dir: Path) -> list[Path]:
-    """The ``.ndjson`` and ``.json`` files directly in ``fhir_dir``, in name order."""
+def fhir_files(fhir_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The ``.ndjson`` and ``.json`` files directly in ``fhir_dir`` in name order, and every other
+    file there with why it is ignored (hidden files such as ``.DS_Store`` are passed over)."""
     fhir_dir = Path(fhir_dir)
     if not fhir_dir.is_dir():
         raise FhirInputError(fhir_dir, None, "FHIR folder does not exist or is not a folder")
-    return sorted(p for p in fhir_dir.iterdir()
-                  if p.is_file() and p.suffix.lower() in FHIR_FILE_SUFFIXES)
+    read, ignored = [], []
+    for path in sorted(fhir_dir.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_file() and path.suffix.lower() in FHIR_FILE_SUFFIXES:
+            read.append(path)
+        elif path.name.lower().endswith((".ndjson.gz", ".json.gz")):
+            ignored.append((path, "a compressed export is not read; decompress it (gunzip) into this folder"))
+        else:
+            ignored.append((path, "not a FHIR export file (expected .ndjson or .json)"))
+    return read, ignored
 
 
 def iter_fhir_dir(fhir_dir: Path, on_issue: OnIssue) -> Iterator[ParsedResource]:
-    """Resources of every FHIR file in ``fhir_dir`` (see :func:`fhir_files`)."""
-    for path in fhir_files(fhir_dir):
+    """Resources of every FHIR file in ``fhir_dir`` (see :func:`fhir_files`); each other file
+    is reported once as ignored."""
+    read, ignored = fhir_files(fhir_dir)
+    for path, why in ignored:
+        on_issue(FhirInputError(path, None, f"ignored: {why}"))
+    for path in read:
         yield from iter_fhir_file(path, on_issue)
 
 

@@ -1,16 +1,17 @@
-"""DICOM in and out: the synthetic scanner writes CT/MR series and SEG files; sites read them back.
+"""DICOM in at a site: CT/MR series (single-frame slices or one enhanced multi-frame file) and SEG labels.
 
 Array layout everywhere is ``(X, Y, Z)``: X walks along a row (DICOM columns), Y down the
 columns (DICOM rows), Z across slices in ascending position along the slice normal. The affine
 maps voxel indices to RAS millimetres, as MONAI's ``PydicomReader`` and NIfTI do.
 
 Readers are strict on purpose: a site operator gets a :class:`DicomInputError` naming the file
-(or the folder, when no single file is to blame) instead of a silently wrong volume.
+(or the folder, when no single file is to blame) instead of a silently wrong volume. The
+synthetic writers live with the synthesis code (:mod:`clinfed.data.synth_dicom`): a site runs
+only this reader.
 """
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,26 +19,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sr.codedict import codes
-from pydicom.uid import (
-    CTImageStorage,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    MediaStorageDirectoryStorage,
-    MRImageStorage,
-    SegmentationStorage,
-    generate_uid,
-)
-from pydicom.valuerep import format_number_as_ds
+from pydicom.dataset import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage, SegmentationStorage
 
-from clinfed import __version__
-from clinfed.data.profiles import SiteProfile, SyntheticPatient
 from clinfed.errors import DicomInputError
 
 SUPPORTED_MODALITIES = ("CT", "MR")
 
-_CT_INTERCEPT = -1024.0
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Positions and cosines in real files are rounded to a few decimals by the writer; these
 # tolerances accept that rounding but not a real geometric difference.
@@ -50,7 +38,8 @@ _SPACING_REL_TOL = 0.01
 class ImageVolume:
     """One CT or MR series as a 3D array in real-world units.
 
-    ``sop_uids[k]`` and ``files[k]`` are the instance and file of slice ``array[:, :, k]``.
+    ``sop_uids[k]`` and ``files[k]`` are the instance and file of slice ``array[:, :, k]``
+    (``frames[k]`` its frame, for an enhanced multi-frame file).
     """
 
     array: np.ndarray  # float32, (X, Y, Z), rescaled (HU for CT)
@@ -62,258 +51,12 @@ class ImageVolume:
     modality: str
     sop_uids: list[str]
     files: list[Path]
+    frames: list[int | None] | None = None  # frame of a multi-frame file (0-based); None for single-frame
 
-
-# --------------------------------------------------------------------------------------------
-# Writers
-# --------------------------------------------------------------------------------------------
-
-
-def _ds(value: float) -> str:
-    # DS is limited to 16 characters; repr() of e.g. 0.1 * 3 would exceed it.
-    return format_number_as_ds(float(value))
-
-
-def _study_time(study_uid: str) -> str:
-    # A stable, plausible daytime (08:00-17:59) so that re-generating a study is byte-identical.
-    seconds = 8 * 3600 + int(hashlib.sha256(study_uid.encode()).hexdigest(), 16) % (10 * 3600)
-    return f"{seconds // 3600:02d}{seconds % 3600 // 60:02d}{seconds % 60:02d}"
-
-
-def _accession_number(study_uid: str) -> str:
-    return "A" + hashlib.sha256(study_uid.encode()).hexdigest()[:12].upper()
-
-
-def _stored_values(volume: np.ndarray, modality: str) -> tuple[np.ndarray, dict]:
-    """Converts real-world values to stored pixel values plus the attributes describing them."""
-    values = np.rint(volume)
-    if modality == "CT":
-        stored = values - _CT_INTERCEPT
-        info = np.iinfo(np.int16)
-        if stored.min() < info.min or stored.max() > info.max:
-            raise ValueError(
-                f"CT values must lie in [{info.min + _CT_INTERCEPT:.0f}, "
-                f"{info.max + _CT_INTERCEPT:.0f}] HU to fit int16 storage"
-            )
-        return stored.astype(np.int16), {
-            "RescaleIntercept": _ds(_CT_INTERCEPT),
-            "RescaleSlope": "1",
-            "RescaleType": "HU",
-        }
-    if values.max() > np.iinfo(np.uint16).max or values.min() < 0:
-        raise ValueError(f"MR values must be within [0, 65535] to fit uint16 storage, got "
-                         f"[{values.min():.0f}, {values.max():.0f}]")
-    return values.astype(np.uint16), {}
-
-
-def write_series(
-    volume: np.ndarray, out_dir: Path, *, patient: SyntheticPatient, profile: SiteProfile
-) -> list[Path]:
-    """Writes ``volume`` as one single-frame CT or MR file per slice.
-
-    Args:
-        volume: real-world values (HU for CT), shape ``(X, Y, Z)``. Values are rounded to
-            integers, the storage precision.
-        out_dir: created if missing; files are named ``slice_0001.dcm`` ... in z order.
-        patient: identity, dates and the study and series UIDs.
-        profile: modality, manufacturer and voxel spacing of the site's scanner.
-
-    Returns:
-        The written files, index k holding ``volume[:, :, k]``.
-    """
-    volume = np.asarray(volume)
-    if volume.ndim != 3:
-        raise ValueError(f"volume must be 3D (X, Y, Z), got shape {volume.shape}")
-    if not np.all(np.isfinite(volume)):
-        raise ValueError("volume contains non-finite values")
-    modality = profile.modality
-    if modality not in SUPPORTED_MODALITIES:
-        raise ValueError(f"profile {profile.name}: unsupported modality {modality!r}")
-
-    n_x, n_y, n_z = volume.shape
-    sx, sy, sz = (float(s) for s in profile.spacing_mm)
-    stored, rescale = _stored_values(volume, modality)
-    sop_class = CTImageStorage if modality == "CT" else MRImageStorage
-    study_date = patient.study_date.strftime("%Y%m%d")
-    study_time = _study_time(patient.study_uid)
-    frame_of_reference = generate_uid(entropy_srcs=[patient.study_uid, "/frame-of-reference"])
-    # Centre the volume on the scanner isocentre, as a real acquisition roughly would be.
-    origin = (-(n_x - 1) * sx / 2, -(n_y - 1) * sy / 2, -(n_z - 1) * sz / 2)
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k in range(n_z):
-        sop_uid = generate_uid(entropy_srcs=[patient.series_uid, f"/slice/{k}"])
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SpecificCharacterSet = "ISO_IR 192"
-        ds.SOPClassUID = sop_class
-        ds.SOPInstanceUID = sop_uid
-        # Value 3 is modality specific: AXIAL is a CT defined term, MR has none for it.
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL" if modality == "CT" else "OTHER"]
-        ds.InstanceCreationDate = study_date
-        ds.InstanceCreationTime = study_time
-        # Patient
-        ds.PatientName = f"{patient.family_name}^{patient.given_name}"
-        ds.PatientID = patient.mrn
-        ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d")
-        ds.PatientSex = {"male": "M", "female": "F"}.get(patient.sex, "O")
-        # Study
-        ds.StudyInstanceUID = patient.study_uid
-        ds.StudyDate = study_date
-        ds.StudyTime = study_time
-        ds.ReferringPhysicianName = ""
-        ds.StudyID = "1"
-        ds.AccessionNumber = _accession_number(patient.study_uid)
-        ds.StudyDescription = "Tumour staging"
-        # Series
-        ds.Modality = modality
-        ds.SeriesInstanceUID = patient.series_uid
-        ds.SeriesNumber = 1
-        ds.SeriesDate = study_date
-        ds.SeriesTime = study_time
-        ds.SeriesDescription = f"{modality} axial"
-        ds.PatientPosition = "HFS"
-        # An unpaired body part is what makes omitting Laterality valid.
-        ds.BodyPartExamined = "ABDOMEN"
-        # Equipment
-        ds.Manufacturer = profile.manufacturer
-        ds.InstitutionName = profile.name
-        ds.ManufacturerModelName = "clinfed synthetic scanner"
-        ds.SoftwareVersions = __version__
-        # Frame of reference
-        ds.FrameOfReferenceUID = frame_of_reference
-        ds.PositionReferenceIndicator = ""
-        # Image
-        ds.InstanceNumber = k + 1
-        ds.AcquisitionNumber = 1
-        ds.ContentDate = study_date
-        ds.ContentTime = study_time
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-        z = origin[2] + k * sz
-        ds.ImagePositionPatient = [_ds(origin[0]), _ds(origin[1]), _ds(z)]
-        ds.SliceLocation = _ds(z)
-        ds.PixelSpacing = [_ds(sy), _ds(sx)]  # row spacing first: (0028,0030) is [Y, X]
-        ds.SliceThickness = _ds(sz)
-        ds.SpacingBetweenSlices = _ds(sz)
-        if modality == "CT":
-            ds.KVP = "120"
-            for keyword, value in rescale.items():
-                setattr(ds, keyword, value)
-        else:
-            ds.ScanningSequence = "SE"
-            ds.SequenceVariant = "NONE"
-            ds.ScanOptions = ""
-            ds.MRAcquisitionType = "2D"
-            ds.RepetitionTime = "500"
-            ds.EchoTime = "15"
-            ds.EchoTrainLength = 1
-            ds.MagneticFieldStrength = "1.5"
-        # A DICOM frame is (rows=Y, columns=X).
-        ds.set_pixel_data(
-            np.ascontiguousarray(stored[:, :, k].T), photometric_interpretation="MONOCHROME2",
-            bits_stored=16, generate_instance_uid=False,  # keep the deterministic UID
-        )
-        path = out_dir / f"slice_{k + 1:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
-def write_seg(
-    label: np.ndarray, series_files: list[Path], out_path: Path, *, profile: SiteProfile
-) -> Path:
-    """Writes a binary DICOM SEG with one segment "Tumour" over the given series.
-
-    Args:
-        label: nonzero where tumour, shape ``(X, Y, Z)`` like the volume.
-        series_files: the series' files with ``series_files[k]`` holding slice ``label[:, :, k]``,
-            as :func:`write_series` returns them.
-        out_path: the SEG file to write; its folder is created if missing.
-        profile: the site; recorded as the SEG's device serial number.
-
-    Returns:
-        ``out_path``.
-    """
-    import highdicom as hd  # heavy import, only the generator needs it
-
-    label = np.asarray(label)
-    sources = [pydicom.dcmread(p) for p in series_files]
-    if label.ndim != 3 or label.shape[2] != len(sources):
-        raise ValueError(
-            f"label shape {label.shape} does not match {len(sources)} series files"
-        )
-    first = sources[0]
-    if label.shape[:2] != (first.Columns, first.Rows):
-        raise ValueError(
-            f"label shape {label.shape} does not match the series' "
-            f"{first.Columns} columns x {first.Rows} rows"
-        )
-    source_series = str(first.SeriesInstanceUID)
-    description = hd.seg.SegmentDescription(
-        segment_number=1,
-        segment_label="Tumour",
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=codes.SCT.Neoplasm,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name="clinfed synthetic lesion generator",
-            version=__version__,
-            family=codes.cid7162.MorphologicalOperations,
-        ),
-        tracking_uid=generate_uid(entropy_srcs=[source_series, "/segment-1"]),
-        tracking_id="Tumour",
-    )
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        # highdicom wants (frames, rows, columns) in the order of source_images.
-        pixel_array=np.ascontiguousarray((label != 0).transpose(2, 1, 0).astype(np.uint8)),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[description],
-        series_instance_uid=generate_uid(entropy_srcs=[source_series, "/seg-series"]),
-        series_number=100,
-        sop_instance_uid=generate_uid(entropy_srcs=[source_series, "/seg-instance"]),
-        instance_number=1,
-        manufacturer="clinfed",
-        manufacturer_model_name="clinfed synthetic data generator",
-        software_versions=__version__,
-        device_serial_number=profile.name,
-        content_label="TUMOUR",
-        content_description="Tumour ground truth",
-        # Keep empty slices so every source slice has a frame, which is what a site's
-        # ingestion would see from a radiologist's SEG of the whole series.
-        omit_empty_frames=False,
-    )
-    # highdicom stamps "now" and random UIDs into these; pin them for reproducible files.
-    content_date = first.get("ContentDate") or first.StudyDate
-    content_time = first.get("ContentTime") or first.get("StudyTime") or "000000"
-    seg.ContentDate = content_date
-    seg.ContentTime = content_time
-    for keyword in ("SeriesDate", "InstanceCreationDate"):
-        if keyword in seg:
-            setattr(seg, keyword, content_date)
-    for keyword in ("SeriesTime", "InstanceCreationTime"):
-        if keyword in seg:
-            setattr(seg, keyword, content_time)
-    for item in seg.get("ContributingEquipmentSequence", []):
-        if "ContributionDateTime" in item:
-            item.ContributionDateTime = f"{content_date}{content_time}"
-    dimension_uid = generate_uid(entropy_srcs=[source_series, "/seg-dimension-organization"])
-    for item in seg.get("DimensionOrganizationSequence", []):
-        item.DimensionOrganizationUID = dimension_uid
-    for item in seg.get("DimensionIndexSequence", []):
-        item.DimensionOrganizationUID = dimension_uid
-
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    seg.save_as(out_path, enforce_file_format=True)
-    return out_path
+    def slice_index(self) -> dict[tuple[str, int | None], int]:
+        """(SOP Instance UID, 1-based frame number or None) -> z index, for placing SEG frames."""
+        frames = self.frames or [None] * len(self.sop_uids)
+        return {(uid, None if f is None else f + 1): z for z, (uid, f) in enumerate(zip(self.sop_uids, frames))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,9 +137,24 @@ def _floats(ds: Dataset, keyword: str, count: int, path: Path) -> np.ndarray:
 
 @dataclass
 class _Slice:
+    """One 2D image: a single-frame file, or one frame of an enhanced multi-frame file."""
+
     path: Path
-    ds: Dataset
+    ds: Dataset  # the file's dataset (shared by the frames of a multi-frame file)
     position: np.ndarray  # ImagePositionPatient, LPS mm
+    orientation: np.ndarray
+    pixel_spacing: np.ndarray
+    frame: int | None = None  # 0-based frame of a multi-frame file
+    rescale: tuple[float, float] = (1.0, 0.0)  # slope, intercept
+    distinguishing: tuple = ()  # attributes that tell volumes at one position apart
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.frame is None else f"{self.path.name} frame {self.frame + 1}"
+
+    @property
+    def uid(self) -> str:
+        return str(self.ds.SOPInstanceUID)
 
 
 def _check_same(path: Path, what: str, value, expected, first: Path, tol: float | None = None):
@@ -414,12 +172,111 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def read_series(folder: Path) -> ImageVolume:
-    """Reads the single CT or MR series in ``folder`` (SEG and DICOMDIR files are skipped).
+# Attributes that tell apart several volumes acquired at the same positions in one series.
+_VOLUME_ATTRIBUTES = ("EchoTime", "DiffusionBValue", "TemporalPositionIndex", "TriggerTime", "AcquisitionNumber",
+                      "ImageType")
+
+
+def _distinguishing(ds: Dataset, frame_group: Dataset | None = None) -> tuple:
+    values = []
+    for keyword in _VOLUME_ATTRIBUTES:
+        value = ds.get(keyword)
+        if frame_group is not None:
+            if keyword == "EchoTime" and frame_group.get("MREchoSequence"):
+                value = frame_group.MREchoSequence[0].get("EffectiveEchoTime")
+            elif keyword == "DiffusionBValue" and frame_group.get("MRDiffusionSequence"):
+                value = frame_group.MRDiffusionSequence[0].get("DiffusionBValue")
+            elif keyword == "TemporalPositionIndex" and frame_group.get("FrameContentSequence"):
+                value = frame_group.FrameContentSequence[0].get("TemporalPositionIndex")
+        values.append((keyword, None if value is None else str(value)))
+    return tuple(values)
+
+
+def _series_matches(ds: Dataset, choice) -> bool:
+    if choice is None:
+        return True
+    if ds.get("Modality") not in choice.modalities:
+        return False
+    if choice.description is not None and not choice.description.search(str(ds.get("SeriesDescription", ""))):
+        return False
+    if choice.body_part is not None and str(ds.get("BodyPartExamined", "")).upper() != choice.body_part.upper():
+        return False
+    return True
+
+
+def _choose_series(folder: Path, images: list[tuple[Path, Dataset]], choice) -> list[tuple[Path, Dataset]]:
+    """The files of the one series that ``choice`` (a ``SeriesChoice``; None: any CT/MR) selects."""
+    if choice is None:
+        for path, ds in images:
+            if ds.get("Modality") not in SUPPORTED_MODALITIES:
+                raise DicomInputError(path, f"unsupported modality {ds.get('Modality')!r}; expected one of "
+                                            f"{', '.join(SUPPORTED_MODALITIES)}")
+    series: dict[str, list[tuple[Path, Dataset]]] = {}
+    for path, ds in images:
+        series.setdefault(str(ds.get("SeriesInstanceUID")), []).append((path, ds))
+    matching = {uid: files for uid, files in series.items() if _series_matches(files[0][1], choice)}
+    if not matching:
+        wanted = "a CT or MR series" if choice is None else (
+            f"a {'/'.join(choice.modalities)} series"
+            + (f" whose SeriesDescription matches {choice.description.pattern!r}" if choice.description else "")
+            + (f" with BodyPartExamined {choice.body_part}" if choice.body_part else ""))
+        raise DicomInputError(folder, f"holds {len(series)} series, none of them {wanted} (the study's series choice)")
+    if len(matching) > 1:
+        groups = sorted(matching.values(), key=len)
+        intruder, first = groups[0][0], groups[-1][0]
+        raise DicomInputError(
+            intruder[0], f"belongs to series {intruder[1].get('SeriesInstanceUID')}, but {first[0].name} belongs to "
+            f"series {first[1].get('SeriesInstanceUID')}: the folder must hold exactly one series that the study's "
+            f"series choice selects ({len(matching)} do)")
+    return next(iter(matching.values()))
+
+
+def _frames_of(path: Path, ds: Dataset) -> list[_Slice]:
+    """The frames of an enhanced multi-frame CT or MR file as slices, placed by their per-frame
+    (or shared) functional groups."""
+    n_frames = int(ds.get("NumberOfFrames") or 1)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    if len(per_frame) != n_frames:
+        raise DicomInputError(path, f"is a multi-frame image ({n_frames} frames) without per-frame functional groups "
+                                    f"(PerFrameFunctionalGroupsSequence has {len(per_frame)} items), so its frames "
+                                    "cannot be placed in 3D")
+
+    def group(item: Dataset, keyword: str, field: str, count: int, frame: int) -> np.ndarray:
+        found = item.get(keyword) or shared.get(keyword)
+        if not found:
+            raise DicomInputError(path, f"frame {frame + 1} has no {keyword} (per-frame or shared), so it cannot "
+                                        "be placed in 3D")
+        return _floats(found[0], field, count, path)
+
+    slices = []
+    for i, item in enumerate(per_frame):
+        transform = item.get("PixelValueTransformationSequence") or shared.get("PixelValueTransformationSequence")
+        slope = float(transform[0].get("RescaleSlope") or 1.0) if transform else float(ds.get("RescaleSlope") or 1.0)
+        intercept = (float(transform[0].get("RescaleIntercept") or 0.0) if transform
+                     else float(ds.get("RescaleIntercept") or 0.0))
+        slices.append(_Slice(
+            path, ds, group(item, "PlanePositionSequence", "ImagePositionPatient", 3, i),
+            group(item, "PlaneOrientationSequence", "ImageOrientationPatient", 6, i),
+            group(item, "PixelMeasuresSequence", "PixelSpacing", 2, i), frame=i, rescale=(slope, intercept),
+            distinguishing=_distinguishing(ds, item)))
+    return slices
+
+
+def read_series(folder: Path, choice=None) -> ImageVolume:
+    """Reads the CT or MR series of ``folder`` that ``choice`` selects (SEG and DICOMDIR files
+    are skipped): single-frame slices, or one enhanced multi-frame file (its frames placed by
+    the per-frame functional groups).
+
+    Args:
+        folder: one imaging study's folder.
+        choice: a ``clinfed.data.study.SeriesChoice`` (modality, description pattern, body
+            part); None takes the folder's only CT or MR series.
 
     Raises:
         DicomInputError: naming the offending file, or the folder when no single file is to
-            blame, if the folder does not hold exactly one complete, regular series.
+            blame, if no single complete, regular series is selected. A series whose slices
+            disagree on patient, study or frame of reference is refused naming the slice.
     """
     folder = Path(folder)
     images: list[tuple[Path, Dataset]] = []
@@ -427,43 +284,43 @@ def read_series(folder: Path) -> ImageVolume:
         ds = _read_file(path)
         if _is_seg(ds) or _is_dicomdir(ds):
             continue
-        modality = ds.get("Modality")
-        if modality not in SUPPORTED_MODALITIES:
-            raise DicomInputError(
-                path, f"unsupported modality {modality!r}; expected one of "
-                f"{', '.join(SUPPORTED_MODALITIES)}"
-            )
         images.append((path, ds))
     if not images:
         raise DicomInputError(folder, "holds no CT or MR image files")
+    images = _choose_series(folder, images, choice)
 
     first_path, first = images[0]
-    for path, ds in images[1:]:
-        if ds.get("SeriesInstanceUID") != first.get("SeriesInstanceUID"):
-            raise DicomInputError(
-                path, f"belongs to series {ds.get('SeriesInstanceUID')}, but "
-                f"{first_path.name} belongs to series {first.get('SeriesInstanceUID')}: "
-                "the folder must hold exactly one series"
-            )
     for path, ds in images:
         for keyword in ("SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID"):
             if not ds.get(keyword):
                 raise DicomInputError(path, f"missing {keyword}")
         if "PixelData" not in ds:
             raise DicomInputError(path, "has no pixel data (7FE0,0010)")
-        if int(ds.get("NumberOfFrames") or 1) != 1:
-            raise DicomInputError(
-                path, f"is a multi-frame image ({ds.NumberOfFrames} frames); only "
-                "single-frame slices are supported"
-            )
         if int(ds.get("SamplesPerPixel") or 1) != 1:
             raise DicomInputError(path, "is not a greyscale image (SamplesPerPixel != 1)")
         for keyword in ("Modality", "StudyInstanceUID", "Rows", "Columns"):
             _check_same(path, keyword, ds.get(keyword), first.get(keyword), first_path)
+        # Identity and frame of reference: a slice of another patient or scan inside a series
+        # must refuse the series, not be attributed to the majority (values are not shown).
+        for keyword in ("PatientID", "FrameOfReferenceUID"):
+            if str(ds.get(keyword, "")) != str(first.get(keyword, "")):
+                raise DicomInputError(path, f"{keyword} differs from the one in {first_path.name}: a series must "
+                                            "come from one patient and one frame of reference; the series is refused")
+
+    multi_frame = [(p, ds) for p, ds in images if int(ds.get("NumberOfFrames") or 1) > 1]
+    if multi_frame and len(images) > 1:
+        raise DicomInputError(multi_frame[0][0], "is a multi-frame image in a series of several files; expected "
+                                                 "either single-frame slices or one enhanced multi-frame file")
+    if multi_frame:
+        slices = _frames_of(*multi_frame[0])
+    else:
+        slices = [_Slice(path, ds, _floats(ds, "ImagePositionPatient", 3, path),
+                         _floats(ds, "ImageOrientationPatient", 6, path), _floats(ds, "PixelSpacing", 2, path),
+                         rescale=(float(ds.get("RescaleSlope") or 1.0), float(ds.get("RescaleIntercept") or 0.0)),
+                         distinguishing=_distinguishing(ds)) for path, ds in images]
 
     # Geometry, all in LPS millimetres.
-    orientation = _floats(first, "ImageOrientationPatient", 6, first_path)
-    pixel_spacing = _floats(first, "PixelSpacing", 2, first_path)
+    orientation, pixel_spacing = slices[0].orientation, slices[0].pixel_spacing
     row_cos, col_cos = orientation[:3], orientation[3:]
     if (
         abs(np.linalg.norm(row_cos) - 1) > _COSINE_TOL
@@ -471,39 +328,35 @@ def read_series(folder: Path) -> ImageVolume:
         or abs(row_cos @ col_cos) > _COSINE_TOL
     ):
         raise DicomInputError(
-            first_path, f"ImageOrientationPatient {_fmt(orientation)} is not two orthogonal "
-            "unit vectors"
+            slices[0].path, f"ImageOrientationPatient {_fmt(orientation)} is not two orthogonal unit vectors"
         )
     if np.any(pixel_spacing <= 0):
-        raise DicomInputError(first_path, f"PixelSpacing {_fmt(pixel_spacing)} is not positive")
+        raise DicomInputError(slices[0].path, f"PixelSpacing {_fmt(pixel_spacing)} is not positive")
     normal = np.cross(row_cos, col_cos)
 
-    slices: list[_Slice] = []
     seen_uids: dict[str, Path] = {}
-    for path, ds in images:
-        _check_same(
-            path, "ImageOrientationPatient", _floats(ds, "ImageOrientationPatient", 6, path),
-            orientation, first_path, _COSINE_TOL,
-        )
-        _check_same(
-            path, "PixelSpacing", _floats(ds, "PixelSpacing", 2, path), pixel_spacing,
-            first_path, _MM_TOL,
-        )
-        uid = str(ds.SOPInstanceUID)
-        if uid in seen_uids:
-            raise DicomInputError(
-                path, f"duplicate slice: SOP Instance UID {uid} is also in {seen_uids[uid].name}"
-            )
-        seen_uids[uid] = path
-        slices.append(_Slice(path, ds, _floats(ds, "ImagePositionPatient", 3, path)))
+    for s in slices:
+        _check_same(s.path, "ImageOrientationPatient", s.orientation, orientation, slices[0].path, _COSINE_TOL)
+        _check_same(s.path, "PixelSpacing", s.pixel_spacing, pixel_spacing, slices[0].path, _MM_TOL)
+        if s.frame is None:
+            if s.uid in seen_uids:
+                raise DicomInputError(
+                    s.path, f"duplicate slice: SOP Instance UID {s.uid} is also in {seen_uids[s.uid].name}"
+                )
+            seen_uids[s.uid] = s.path
 
     slices.sort(key=lambda s: float(s.position @ normal))
     depth = np.array([s.position @ normal for s in slices])
     for prev, cur, d_prev, d_cur in zip(slices, slices[1:], depth, depth[1:]):
         if d_cur - d_prev <= _MM_TOL:
+            differing = [a for (a, v1), (_, v2) in zip(prev.distinguishing, cur.distinguishing) if v1 != v2]
+            if differing:
+                raise DicomInputError(
+                    cur.path, f"the series holds several volumes at the same positions ({cur.name} and {prev.name} "
+                    f"lie at {d_cur:g} mm but differ in {', '.join(differing)}: a diffusion, perfusion or "
+                    "multi-echo acquisition); export the one volume to train on as its own series")
             raise DicomInputError(
-                cur.path, f"duplicate slice: same position {d_cur:g} mm along the slice normal "
-                f"as {prev.path.name}"
+                cur.path, f"duplicate slice: same position {d_cur:g} mm along the slice normal as {prev.name}"
             )
     # A stack whose origins drift within the image plane (gantry tilt) is sheared; a plain
     # affine would misplace every slice but the first. Under a tenth of a pixel is rounding.
@@ -526,7 +379,7 @@ def read_series(folder: Path) -> ImageVolume:
             if abs(step - nominal) <= _SPACING_REL_TOL * nominal + _MM_TOL:
                 continue
             ratio = step / nominal
-            between = f"between {slices[i].path.name} and {slices[i + 1].path.name}"
+            between = f"between {slices[i].name} and {slices[i + 1].name}"
             if round(ratio) >= 2 and abs(ratio - round(ratio)) <= _SPACING_REL_TOL * ratio:
                 raise DicomInputError(
                     folder, f"missing slice: gap of {step:g} mm {between}, where slices are "
@@ -543,23 +396,24 @@ def read_series(folder: Path) -> ImageVolume:
         sz = float(spacing_tag)
         slice_step = normal * sz
 
+    decoded: dict[Path, np.ndarray] = {}
     arrays = []
     for s in slices:
-        try:
-            pixels = s.ds.pixel_array
-        # Decoders raise assorted errors for truncated or corrupt pixel data.
-        except Exception as exc:  # noqa: BLE001
-            raise DicomInputError(
-                s.path, f"pixel data cannot be decoded (transfer syntax "
-                f"{s.ds.file_meta.get('TransferSyntaxUID', 'unknown')}: {exc})"
-            ) from exc
+        if s.path not in decoded:
+            try:
+                decoded[s.path] = s.ds.pixel_array
+            # Decoders raise assorted errors for truncated or corrupt pixel data.
+            except Exception as exc:  # noqa: BLE001
+                raise DicomInputError(
+                    s.path, f"pixel data cannot be decoded (transfer syntax "
+                    f"{s.ds.file_meta.get('TransferSyntaxUID', 'unknown')}: {exc})"
+                ) from exc
+        pixels = decoded[s.path] if s.frame is None else decoded[s.path][s.frame]
         if pixels.shape != (first.Rows, first.Columns):
             raise DicomInputError(
-                s.path, f"pixel data has shape {pixels.shape}, expected "
-                f"({first.Rows}, {first.Columns})"
+                s.path, f"pixel data has shape {pixels.shape}, expected ({first.Rows}, {first.Columns})"
             )
-        slope = float(s.ds.get("RescaleSlope") or 1.0)
-        intercept = float(s.ds.get("RescaleIntercept") or 0.0)
+        slope, intercept = s.rescale
         arrays.append(pixels.T.astype(np.float32) * np.float32(slope) + np.float32(intercept))
 
     sy, sx = (float(v) for v in pixel_spacing)  # PixelSpacing is [row spacing, column spacing]
@@ -576,16 +430,20 @@ def read_series(folder: Path) -> ImageVolume:
         study_uid=str(first.StudyInstanceUID),
         series_uid=str(first.SeriesInstanceUID),
         modality=str(first.Modality),
-        sop_uids=[str(s.ds.SOPInstanceUID) for s in slices],
+        sop_uids=[s.uid for s in slices],
         files=[s.path for s in slices],
+        frames=[s.frame for s in slices],
     )
 
 
-def read_seg(seg_path: Path, volume: ImageVolume) -> np.ndarray:
+def read_seg(seg_path: Path, volume: ImageVolume, label=None) -> np.ndarray:
     """Reads a DICOM SEG as a label array aligned with ``volume``.
 
-    Frames are placed by the source instance they reference, never by their order in the file.
-    Voxels carry the segment number (1 for clinfed's single "Tumour" segment), 0 elsewhere.
+    Frames are placed by the source instance (and frame, for a multi-frame source) they
+    reference, never by their order in the file. With ``label`` (a
+    ``clinfed.data.study.LabelChoice``) the result is binary: 1 where the chosen segment (by
+    its label, or its segmented property type code) is, 0 elsewhere; without it voxels carry
+    the segment number.
 
     Raises:
         DicomInputError: naming ``seg_path`` if it is not a SEG, has no segment, refers to
@@ -633,8 +491,9 @@ def read_seg(seg_path: Path, volume: ImageVolume) -> np.ndarray:
         raise DicomInputError(
             seg_path, f"has {n_frames} frames but {len(frames_info)} per-frame descriptions"
         )
-    z_of_uid = {uid: k for k, uid in enumerate(volume.sop_uids)}
+    z_of = volume.slice_index()
     segment_numbers = {int(s.SegmentNumber) for s in segments}
+    chosen = _chosen_segments(seg_path, segments, label) if label is not None else None
     placements = []
     shared = (ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
 
@@ -647,18 +506,20 @@ def read_seg(seg_path: Path, volume: ImageVolume) -> np.ndarray:
             segment = int(group(item, "SegmentIdentificationSequence").ReferencedSegmentNumber)
             source = group(item, "DerivationImageSequence").SourceImageSequence[0]
             uid = str(source.ReferencedSOPInstanceUID)
+            frame = source.get("ReferencedFrameNumber")
+            key = (uid, int(frame) if frame is not None and volume.frames and volume.frames[0] is not None else None)
         except (AttributeError, IndexError, TypeError) as exc:
             raise DicomInputError(
                 seg_path, f"frame {i} lacks its segment number or source image reference"
             ) from exc
         if segment not in segment_numbers:
             raise DicomInputError(seg_path, f"frame {i} refers to undefined segment {segment}")
-        if uid not in z_of_uid:
+        if key not in z_of:
             raise DicomInputError(
                 seg_path, f"frame {i} references SOP instance {uid}, which is not in the image "
                 f"series {volume.series_uid}"
             )
-        placements.append((z_of_uid[uid], segment))
+        placements.append((z_of[key], segment))
 
     try:
         pixels = ds.pixel_array
@@ -669,10 +530,50 @@ def read_seg(seg_path: Path, volume: ImageVolume) -> np.ndarray:
         present = pixels >= (float(ds.get("MaximumFractionalValue") or 255) / 2)
     else:
         present = pixels != 0
-    label = np.zeros((n_x, n_y, n_z), dtype=np.uint8)
+    result = np.zeros((n_x, n_y, n_z), dtype=np.uint8)
     for (z, segment), mask in zip(placements, present):
-        label[:, :, z][mask.T] = segment
-    return label
+        if chosen is None:
+            result[:, :, z][mask.T] = segment
+        elif segment in chosen:
+            result[:, :, z][mask.T] = 1
+    return result
+
+
+def _chosen_segments(seg_path: Path, segments, label) -> set[int]:
+    """Numbers of the segments the study's label choice names; refuses a SEG without one."""
+    chosen = set()
+    for item in segments:
+        if label.segment_label is not None:
+            if str(item.get("SegmentLabel", "")).strip().lower() == label.segment_label.lower():
+                chosen.add(int(item.SegmentNumber))
+        else:
+            prop = (item.get("SegmentedPropertyTypeCodeSequence") or [Dataset()])[0]
+            if (str(prop.get("CodingSchemeDesignator", "")), str(prop.get("CodeValue", ""))) == label.property_code:
+                chosen.add(int(item.SegmentNumber))
+    if not chosen:
+        wanted = (f"label {label.segment_label!r}" if label.segment_label is not None
+                  else f"segmented property type {label.property_code[0]} {label.property_code[1]}")
+        raise DicomInputError(seg_path, f"has no segment with {wanted} (the study's label choice); its segments: "
+                                        + ", ".join(str(s.get("SegmentLabel", "?")) for s in segments))
+    return chosen
+
+
+def seg_references_series(seg_path: Path, series_uid: str) -> bool:
+    """Whether a SEG's ReferencedSeriesSequence names the series (header only)."""
+    ds = _read_file(seg_path, header_only=True)
+    return series_uid in {str(item.get("SeriesInstanceUID")) for item in ds.get("ReferencedSeriesSequence") or []}
+
+
+def seg_files(folder: Path) -> list[Path]:
+    """The DICOM SEG files in a study folder (unreadable files are left to read_series)."""
+    found = []
+    for path in _candidate_files(folder):
+        try:
+            if _is_seg(_read_file(path, header_only=True)):
+                found.append(path)
+        except DicomInputError:
+            continue
+    return found
 
 
 def read_study(folder: Path) -> tuple[ImageVolume, np.ndarray]:

@@ -2,6 +2,10 @@
 
 The profiles mimic the ways real sites differ: scanner and intensity scale, noise, voxel
 spacing, lesion size and count, share of high-grade tumours, lab units and diagnosis coding.
+Each shipped study has its own generator profile (:data:`STUDY_SITE_PROFILES`): the liver CT
+study (``clinfed-tumour-seg``) and the brain MR study (``brain-mr-tumour``: a head phantom with
+ring-enhancing lesions, broad research consents, WHO grade under LOINC 21858-5 in a local code
+system, sodium and CRP).
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 STUDY_ID = "clinfed-tumour-seg"
-"""The research study every synthetic Consent covers (``urn:clinfed:study`` identifier)."""
+"""The demo's default study (the liver study; its Consents name it as a ``urn:clinfed:study`` identifier)."""
+BRAIN_STUDY_ID = "brain-mr-tumour"
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,12 @@ class SiteProfile:
     revoked_share: float = 0.08
     no_consent_share: float = 0.07
     mrn_system: str = field(default="")  # Patient.identifier system for this hospital's MRNs
+    anatomy: str = "liver"  # which phantom and FHIR dialect: liver | brain
+    body_part: str = "ABDOMEN"  # BodyPartExamined
+    series_description: str | None = None  # default "<modality> axial"
+    sodium_unit: str = "mmol/L"  # brain study labs: mmol/L or meq/L
+    crp_unit: str = "mg/L"  # mg/L or mg/dL
+    bias_field: float = 0.0  # MR receive-coil intensity drift across the field of view (brain)
 
     def __post_init__(self):
         if not self.mrn_system:
@@ -62,10 +73,45 @@ SITE_PROFILES: tuple[SiteProfile, ...] = (
 )
 
 
-def profile_for_site(index: int) -> SiteProfile:
-    """Profile of the site with 0-based ``index``; more sites than profiles cycle with new names."""
-    base = SITE_PROFILES[index % len(SITE_PROFILES)]
-    if index < len(SITE_PROFILES):
+BRAIN_SITE_PROFILES: tuple[SiteProfile, ...] = (
+    # background is air; organ is white matter; lesion_contrast is the enhancing rim over white matter.
+    SiteProfile(
+        name="site-1", modality="MR", manufacturer="Siemens", spacing_mm=(1.0, 1.0, 1.0),
+        background=0.0, organ=420.0, lesion_contrast=380.0, noise_std=22.0,
+        lesion_radius_frac=(3.6, 8.4), lesion_count=(1, 1), high_grade_bias=0.3,
+        glucose_unit="mmol/L", creatinine_unit="umol/L", diagnosis_system="snomed",
+        anatomy="brain", body_part="BRAIN", series_description="T1 MPRAGE post-contrast", bias_field=0.10,
+    ),
+    SiteProfile(
+        name="site-2", modality="MR", manufacturer="GE", spacing_mm=(0.9, 0.9, 1.2),
+        background=0.0, organ=900.0, lesion_contrast=700.0, noise_std=55.0,
+        lesion_radius_frac=(3.6, 7.0), lesion_count=(1, 2), high_grade_bias=-0.4,
+        glucose_unit="mmol/L", creatinine_unit="umol/L", diagnosis_system="icd10",
+        anatomy="brain", body_part="BRAIN", series_description="Ax T1 BRAVO +C", sodium_unit="meq/L",
+        crp_unit="mg/dL", bias_field=0.20,
+    ),
+    SiteProfile(
+        name="site-3", modality="MR", manufacturer="Philips", spacing_mm=(1.1, 1.1, 1.0),
+        background=0.0, organ=300.0, lesion_contrast=230.0, noise_std=18.0,
+        lesion_radius_frac=(4.5, 8.4), lesion_count=(1, 1), high_grade_bias=0.6,
+        glucose_unit="mmol/L", creatinine_unit="umol/L", diagnosis_system="snomed",
+        anatomy="brain", body_part="BRAIN", series_description="T1W_3D_TFE gd", bias_field=0.05,
+    ),
+)
+"""Brain study sites; ``lesion_radius_frac`` is the lesion radius in mm here (0.2-2.5 ml)."""
+
+STUDY_SITE_PROFILES = {STUDY_ID: SITE_PROFILES, BRAIN_STUDY_ID: BRAIN_SITE_PROFILES}
+
+
+def profile_for_site(index: int, study: str = STUDY_ID) -> SiteProfile:
+    """Profile of the site with 0-based ``index`` in a study's generator; more sites than
+    profiles cycle with new names."""
+    if study not in STUDY_SITE_PROFILES:
+        raise ValueError(f"no synthetic generator profile for study {study!r} "
+                         f"(known: {', '.join(STUDY_SITE_PROFILES)})")
+    profiles = STUDY_SITE_PROFILES[study]
+    base = profiles[index % len(profiles)]
+    if index < len(profiles):
         return base
     from dataclasses import replace
 
@@ -91,6 +137,9 @@ class SyntheticPatient:
     has_hypertension: bool
     high_grade: bool  # the outcome label
     consent: str  # "active", "revoked" or "none"
+    sodium_mmol_l: float = 140.0  # brain study labs, canonical units
+    crp_mg_l: float = 3.0
+    has_epilepsy: bool = False
 
     @property
     def age_at_study(self) -> float:
