@@ -76,13 +76,15 @@ def sync_consents(site_dir: str | os.PathLike, ledger: ContractLedger, site: str
     """
     from clinfed.data.profiles import STUDY_ID
     from clinfed.data.pseudonym import Pseudonymiser
+    from clinfed.data.study import load_study
     from fhir_adapter import harmonise_site
 
     site_dir = Path(site_dir)
-    study = study or STUDY_ID
+    definition = load_study(study or STUDY_ID)  # the study's consent rule decides which Consents count
+    study = definition.id
     if not (site_dir / "fhir").exists():
         raise ConfigError(f"{site_dir}: no fhir/ folder with the site's FHIR export")
-    harmonised = harmonise_site(site_dir / "fhir", study, Pseudonymiser.for_site(site_dir, secret_file))
+    harmonised = harmonise_site(site_dir / "fhir", definition.fhir, Pseudonymiser.for_site(site_dir, secret_file))
     on_ledger = {c.pseudonym: c for c in ledger.consents(study, site=site)}
     report = ConsentSync(site=site, study=study)
     for pseudonym, decision in sorted(harmonised.consents.items()):

@@ -39,7 +39,8 @@ def cmd_data_synth(args) -> int:
 
     with tqdm(total=args.sites * args.patients, desc="synthesising patients", unit="pt",
               file=sys.stderr, disable=args.json) as bar:
-        truth = synthesise(args.out, args.sites, args.patients, args.shape, args.seed, progress=bar)
+        truth = synthesise(args.out, args.sites, args.patients, args.shape, args.seed, study_id=args.study,
+                           progress=bar)
     summary = {site: {"patients": len(cases), "dir": str(args.out / site)} for site, cases in truth.items()}
     if args.json:
         print(json.dumps({"out": str(args.out), "sites": summary}, indent=2))
@@ -66,7 +67,9 @@ def print_ingestion_report(report: dict) -> None:
 def cmd_data_check(args) -> int:
     from clinfed.data.ingest import ingest_site
     from clinfed.data.pseudonym import Pseudonymiser
+    from clinfed.data.study import load_study
 
+    study = load_study(args.study)
     reports = []
     for site_dir in args.site_dirs:
         if not (site_dir / "imaging").is_dir() and not (site_dir / "fhir").is_dir():
@@ -74,7 +77,7 @@ def cmd_data_check(args) -> int:
         n_studies = len(list((site_dir / "imaging").glob("*/"))) if (site_dir / "imaging").is_dir() else 0
         with tqdm(total=n_studies, desc=f"ingesting {site_dir.name}", unit="study", file=sys.stderr,
                   disable=args.json) as bar:
-            ingestion = ingest_site(site_dir, args.study, Pseudonymiser.for_site(site_dir, args.secret_file),
+            ingestion = ingest_site(site_dir, study, Pseudonymiser.for_site(site_dir, args.secret_file),
                                     progress=bar)
         reports.append(ingestion.report())
     if args.json:
@@ -88,7 +91,7 @@ def cmd_data_check(args) -> int:
 def cmd_demo(args) -> int:
     from clinfed.demo import DemoConfig, results_table, run_demo
 
-    config = DemoConfig.quick() if args.quick else DemoConfig()
+    config = DemoConfig.quick(args.study) if args.quick else DemoConfig(study=args.study)
     if args.rounds:
         config = DemoConfig(**{**config.__dict__, "rounds": args.rounds})
     config = DemoConfig(**{**config.__dict__, "privacy": args.privacy})
@@ -241,13 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--sites", type=_positive, default=3)
     synth.add_argument("--patients", type=_positive, default=24, help="patients per site")
     synth.add_argument("--shape", type=_shape, default=(48, 48, 24), help="volume size X,Y,Z in voxels")
+    synth.add_argument("--study", default=STUDY_ID, help="whose generator profile: clinfed-tumour-seg (liver CT) or "
+                                                          "brain-mr-tumour")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--json", action="store_true")
     synth.set_defaults(func=cmd_data_synth)
 
     check = data.add_parser("check", help="ingest site folders and report usable and excluded patients")
     check.add_argument("site_dirs", type=Path, nargs="+", metavar="SITE_DIR")
-    check.add_argument("--study", default=STUDY_ID, help="research study whose consent is required")
+    check.add_argument("--study", default=STUDY_ID, help="study definition: a name under provisioning/studies "
+                                                          "(or $CLINFED_STUDIES_DIR), or a .yml file")
     check.add_argument("--secret-file", type=Path, help="site pseudonymisation key (default SITE_DIR/site_secret.key)")
     check.add_argument("--json", action="store_true")
     check.set_defaults(func=cmd_data_check)
@@ -258,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=_positive, help="override the number of federated rounds")
     demo.add_argument("--privacy", choices=PRIVACY_MODES, default="none",
                       help="federated arm: DP-SGD at every site (dp), secure masking (mask), or both")
+    demo.add_argument("--study", default=STUDY_ID, help="the study to run: clinfed-tumour-seg (liver CT, default) "
+                                                         "or brain-mr-tumour")
     demo.add_argument("--json", action="store_true", help="print results.json to stdout")
     demo.set_defaults(func=cmd_demo)
 

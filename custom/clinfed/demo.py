@@ -29,7 +29,8 @@ import torch
 
 from clinfed import audit
 from clinfed.data.ingest import Case, ingest_site
-from clinfed.data.profiles import profile_for_site
+from clinfed.data.profiles import BRAIN_STUDY_ID, STUDY_ID, profile_for_site
+from clinfed.data.study import load_study
 from clinfed.data.synth import synthesise
 from clinfed.jobs.tumour_seg import (
     DEFAULT_ROUNDS,
@@ -43,7 +44,6 @@ from clinfed.training import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_LOCAL_EPOCHS,
     DEFAULT_LR,
-    DEFAULT_ROI,
     TrainConfig,
     evaluate,
     finite_or_none,
@@ -62,29 +62,45 @@ SERVER_MODEL_KEY = "SRV_FL_global_model.pt"
 LEDGER_FILE = "ledger.sqlite"
 
 
+# Volume size each study's synthetic sites are generated at: the liver phantoms, and a head at
+# about 1 mm.
+STUDY_SHAPES = {STUDY_ID: (48, 48, 24), BRAIN_STUDY_ID: (64, 64, 48)}
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     sites: int = 3
     patients: int = 24
-    shape: tuple[int, int, int] = (48, 48, 24)
+    shape: tuple[int, int, int] | None = None  # None: the study's (STUDY_SHAPES)
     seed: int = 0
     rounds: int = DEFAULT_ROUNDS
     local_epochs: int = DEFAULT_LOCAL_EPOCHS
     batch_size: int = DEFAULT_BATCH_SIZE
     lr: float = DEFAULT_LR
-    roi: tuple[int, int, int] = DEFAULT_ROI
+    roi: tuple[int, int, int] | None = None  # None: the study's
     privacy: str = "none"  # one of clinfed.privacy.PRIVACY_MODES
     dp_target_epsilon: float = 8.0
+    study: str = STUDY_ID
 
     @classmethod
-    def quick(cls) -> "DemoConfig":
+    def quick(cls, study: str = STUDY_ID) -> "DemoConfig":
         # Batch 1: twice the optimiser steps of the default in the same time, which three short
         # rounds need to get the averaged model past predicting background.
-        return cls(patients=12, shape=(32, 32, 16), rounds=3, local_epochs=1, batch_size=1)
+        return cls(patients=12, shape=(32, 32, 16) if study == STUDY_ID else None, rounds=3, local_epochs=1,
+                   batch_size=1, study=study)
+
+    @property
+    def definition(self):
+        return load_study(self.study)
+
+    @property
+    def volume_shape(self) -> tuple[int, int, int]:
+        return self.shape or STUDY_SHAPES.get(self.study, (48, 48, 24))
 
     @property
     def train_config(self) -> TrainConfig:
-        return TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, roi=self.roi)
+        return TrainConfig.for_study(self.definition, epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
+                                     roi=self.roi)
 
     @property
     def job_name(self) -> str:
@@ -92,7 +108,7 @@ class DemoConfig:
 
     def recipe(self) -> TumourSegFedAvgRecipe:
         """The federated job of this configuration (the committed jobs with the demo's sizes)."""
-        return TumourSegFedAvgRecipe(name=self.job_name, min_clients=self.sites, num_rounds=self.rounds,
+        return TumourSegFedAvgRecipe(name=self.job_name, study=self.study, min_clients=self.sites, num_rounds=self.rounds,
                                      local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
                                      roi=self.roi, privacy=self.privacy, dp_target_epsilon=self.dp_target_epsilon)
 
@@ -103,15 +119,15 @@ class DemoConfig:
 
 
 def site_names(config: DemoConfig) -> list[str]:
-    return [profile_for_site(i).name for i in range(config.sites)]
+    return [profile_for_site(i, config.study).name for i in range(config.sites)]
 
 
 def _train_and_score(train: list[Case], evaluation: list[Case], config: DemoConfig) -> dict:
     torch.manual_seed(config.seed)
-    model = new_model()
     full_budget = TrainConfig(**{**asdict(config.train_config), "epochs": config.total_epochs})
+    model = new_model(full_budget.ehr_size)
     train_epochs(model, make_loader(train, full_budget, train=True), full_budget)
-    scores = evaluate(model, make_loader(evaluation, full_budget, train=False))
+    scores = evaluate(model, make_loader(evaluation, full_budget, train=False), full_budget)
     return {"dice": finite_or_none(scores["dice"]), "auc": finite_or_none(scores["auc"])}
 
 
@@ -140,22 +156,21 @@ def _environment(**values: str):
                 os.environ[key] = value
 
 
-def prepare_ledger(ledger_path: Path, data_dir: Path, sites: list[str], log=print, masking_keys: bool = False) -> int:
+def prepare_ledger(ledger_path: Path, data_dir: Path, sites: list[str], log=print, masking_keys: bool = False,
+                   study: str = STUDY_ID) -> int:
     """Initialise the consortium on a LocalLedger file and publish every site's consents, each as
     its own site (``consent sync``), and with ``masking_keys`` its masking key (``keys register``);
     returns how many consents the ledger holds for the sites."""
-    from clinfed.data.profiles import STUDY_ID
-
     audit.init_consortium(ledger_path, sites)
     held = 0
     for site in sites:
         settings = ledger_settings(site, ledger=ledger_path)
         with settings.open(outbox=False) as ledger:
-            synced = audit.sync_consents(data_dir / site, ledger, site)
+            synced = audit.sync_consents(data_dir / site, ledger, site, study)
             held += synced.active + synced.revoked
             if masking_keys:
                 audit.register_masking_key(ledger, site, data_dir / site / MASKING_KEY_FILE)
-        log(f"{site}: consents on the ledger for study {STUDY_ID}: {synced.active} active, {synced.revoked} revoked "
+        log(f"{site}: consents on the ledger for study {study}: {synced.active} active, {synced.revoked} revoked "
             f"({synced.published} published now)")
     return held
 
@@ -179,7 +194,7 @@ def run_federated(data_dir: Path, workspace_root: Path, config: DemoConfig, ledg
     if ledger_path is None:
         ledger_path = Path(workspace_root) / LEDGER_FILE
         prepare_ledger(ledger_path, data_dir, site_names(config), log=lambda message: None,
-                       masking_keys="mask" in config.privacy)
+                       masking_keys="mask" in config.privacy, study=config.study)
     os.environ[DATA_ROOT_ENV] = str(data_dir.resolve())
     # The simulated clients are processes sharing our cores: one thread each avoids thrashing.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -207,16 +222,15 @@ def verify_on_ledger(ledger_path: Path, job_id: str, model_file: Path, consents:
             "problems": list(result.job.problems)}
 
 
-def refuse_spent_budgets(data_dir: Path, sites: list[str]) -> None:
+def refuse_spent_budgets(data_dir: Path, sites: list[str], study: str = STUDY_ID) -> None:
     """A DP job plans to spend a site's whole budget for the study: a site whose folder already
     records DP-SGD spend would decline every round, so say so before starting."""
-    from clinfed.data.profiles import STUDY_ID
     from clinfed.privacy.accounting import budget_file
 
     for site in sites:
-        spent = budget_file(data_dir / site / PRIVACY_DIR_NAME, study=STUDY_ID, site=site, mechanism="dp_sgd")
+        spent = budget_file(data_dir / site / PRIVACY_DIR_NAME, study=study, site=site, mechanism="dp_sgd")
         if spent.exists():
-            raise ClinfedError(f"{spent}: {site} already spent DP budget on study {STUDY_ID} in an earlier run, and "
+            raise ClinfedError(f"{spent}: {site} already spent DP budget on study {study} in an earlier run, and "
                                f"spent budget is never given back; run the demo with a fresh --out")
 
 
@@ -239,10 +253,10 @@ def privacy_spend(ledger_path: Path, job_id: str, config: DemoConfig) -> dict:
 def read_federated_results(server_run_dir: Path, evaluation: list[Case], config: DemoConfig) -> tuple[dict, dict]:
     rounds = [json.loads(line) for line in (server_run_dir / ROUND_LOG_FILE).read_text().splitlines() if line]
     model_file = next(server_run_dir.rglob("FL_global_model.pt"))
-    model = new_model()
+    model = new_model(config.train_config.ehr_size)
     saved = torch.load(model_file, map_location="cpu", weights_only=False)
     load_numpy_state(model, {k: v for k, v in saved["model"].items()})
-    final = evaluate(model, make_loader(evaluation, config.train_config, train=False))
+    final = evaluate(model, make_loader(evaluation, config.train_config, train=False), config.train_config)
 
     cross_site_file = next(server_run_dir.rglob("cross_val_results.json"), None)
     cross_site = json.loads(cross_site_file.read_text()) if cross_site_file else {}
@@ -275,14 +289,16 @@ def run_demo(out_dir: Path, config: DemoConfig, log=print) -> dict:
     data_dir = out_dir / "data"
     names = site_names(config)
     if not all((data_dir / name / "fhir").is_dir() for name in names):
-        log(f"generating {config.sites} non-IID sites x {config.patients} patients in {data_dir}")
-        synthesise(data_dir, config.sites, config.patients, config.shape, config.seed)
+        log(f"generating {config.sites} non-IID sites x {config.patients} patients of study {config.study} "
+            f"in {data_dir}")
+        synthesise(data_dir, config.sites, config.patients, config.volume_shape, config.seed, study_id=config.study)
 
     if "dp" in config.privacy:
-        refuse_spent_budgets(data_dir, names)
+        refuse_spent_budgets(data_dir, names, config.study)
+    definition = config.definition
     train_by_site, val_by_site, reports = {}, {}, {}
     for name in names:
-        ingestion = ingest_site(data_dir / name)
+        ingestion = ingest_site(data_dir / name, definition)
         reports[name] = ingestion.report()
         train_by_site[name], val_by_site[name] = split_cases(ingestion.cases)
         log(f"{name}: {len(train_by_site[name])} train, {len(val_by_site[name])} validation, "
@@ -306,7 +322,8 @@ def run_demo(out_dir: Path, config: DemoConfig, log=print) -> dict:
         f"recording to the local ledger")
     started = time.perf_counter()
     ledger_path = out_dir / LEDGER_FILE
-    consents = prepare_ledger(ledger_path, data_dir, names, log=log, masking_keys="mask" in config.privacy)
+    consents = prepare_ledger(ledger_path, data_dir, names, log=log, masking_keys="mask" in config.privacy,
+                              study=config.study)
     job_id = new_job_id(config.job_name)
     server_run_dir = run_federated(data_dir, out_dir / "flare_workspace", config, ledger_path=ledger_path,
                                    job_id=job_id)

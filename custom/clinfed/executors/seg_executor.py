@@ -38,6 +38,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from clinfed.data.ingest import Case, ingest_site
 from clinfed.data.profiles import STUDY_ID
+from clinfed.data.study import load_study
 from clinfed.data.pseudonym import Pseudonymiser
 from clinfed.errors import ConfigError
 from clinfed.filters.contribution_record import COHORT_META, ROUND_META
@@ -50,7 +51,6 @@ from clinfed.training import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_LOCAL_EPOCHS,
     DEFAULT_LR,
-    DEFAULT_ROI,
     TrainConfig,
     device_for_training,
     evaluate,
@@ -73,11 +73,13 @@ class SegExecutor(Executor):
     """Tasks ``train`` (returns the weight difference), ``validate`` and ``submit_model``.
 
     Args:
-        study: research study whose active consent a patient needs to be trained on.
+        study: the study definition (``provisioning/studies/<study>.yml``: consent rule, series,
+            label, features, outcome, spacing, ROI); found in the site's ``local/studies``,
+            ``$CLINFED_STUDIES_DIR`` or the bundle's shipped studies.
         local_epochs: epochs over the site's training split per round.
         batch_size: volumes per step.
         lr: Adam learning rate (optimiser state is reset each round, as in FedAvg).
-        roi: volume size the model sees (X, Y, Z); each side divisible by 16.
+        roi: patch size the model sees (X, Y, Z), each side divisible by 16; None: the study's.
         ledger_consent: gate the cohort on consents recorded on the ledger (the site's ledger
             config is then required). Off, only the consents in the site's own FHIR export count;
             that is for runs without a ledger, never for a consortium.
@@ -90,20 +92,21 @@ class SegExecutor(Executor):
 
     def __init__(self, study: str = STUDY_ID, local_epochs: int = DEFAULT_LOCAL_EPOCHS,
                  batch_size: int = DEFAULT_BATCH_SIZE, lr: float = DEFAULT_LR,
-                 roi: list[int] | tuple[int, int, int] = DEFAULT_ROI, ledger_consent: bool = True,
+                 roi: list[int] | tuple[int, int, int] | None = None, ledger_consent: bool = True,
                  dp_target_epsilon: float | None = None, dp_delta: float | None = None,
                  dp_max_grad_norm: float = 1.0, dp_accountant: str = "prv"):
         super().__init__()
         if local_epochs < 1 or batch_size < 1 or lr <= 0:
             raise ValueError("local_epochs and batch_size must be >= 1 and lr > 0")
-        if len(roi) != 3 or any(int(s) % 16 for s in roi):
+        if roi is not None and (len(roi) != 3 or any(int(s) % 16 for s in roi)):
             raise ValueError(f"roi must be three sizes divisible by 16, got {roi}")
         self.study = study
         # Kept under their argument names: FLARE's job export reads them back from the instance,
         # and silently leaves out any argument it cannot find there.
         self.local_epochs, self.batch_size, self.lr = int(local_epochs), int(batch_size), float(lr)
-        self.roi = tuple(int(s) for s in roi)
-        self.config = TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, roi=self.roi)
+        self.roi = None if roi is None else tuple(int(s) for s in roi)
+        self.config: TrainConfig | None = None  # from the study definition, at the start of the run
+        self.definition = None
         self.ledger_consent = bool(ledger_consent)
         if dp_target_epsilon is not None and not dp_target_epsilon > 0:
             raise ValueError(f"dp_target_epsilon must be > 0 (or None for no DP-SGD), got {dp_target_epsilon}")
@@ -149,9 +152,13 @@ class SegExecutor(Executor):
                 raise ConfigError(f"site {site}: the consent gate reads consents from the ledger, and none is "
                                   f"configured ('ledger' in local/{SITE_CONFIG_FILE} or $CLINFED_LEDGER)")
             self.log_info(fl_ctx, f"consents are read from the {self._ledger_settings.describe()}")
-        files = site_files(site, fl_ctx.get_engine().get_workspace().get_site_config_dir())
+        config_dir = fl_ctx.get_engine().get_workspace().get_site_config_dir()
+        files = site_files(site, config_dir)
         data_dir = files.data_dir
-        ingestion = ingest_site(data_dir, self.study, Pseudonymiser.for_site(data_dir, files.secret_file))
+        self.definition = load_study(self.study, search=[Path(config_dir) / "studies"])
+        self.config = TrainConfig.for_study(self.definition, epochs=self.local_epochs, batch_size=self.batch_size,
+                                            lr=self.lr, roi=self.roi)
+        ingestion = ingest_site(data_dir, self.definition, Pseudonymiser.for_site(data_dir, files.secret_file))
         train, val = split_cases(ingestion.cases)
         report = ingestion.report()
         # Counts and reasons only: the cohort log carries pseudonyms at most, never patient data.
@@ -162,7 +169,7 @@ class SegExecutor(Executor):
         self._ingested = (train, val)
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
         self._cohort_log = Path(run_dir) / COHORT_LOG_FILE
-        self.model = new_model().to(self.device)
+        self.model = new_model(self.definition.ehr_size).to(self.device)
 
     def _consented(self, fl_ctx: FLContext) -> tuple[set[str] | None, set[str]]:
         """Pseudonyms with active and with revoked consent on the ledger (None: gate off)."""
@@ -194,7 +201,8 @@ class SegExecutor(Executor):
             self.train_loader = make_loader(train, self.config, train=True) if train else None
             self.val_loader = make_loader(val, self.config, train=False) if val else None
             self._cohort_key = key
-        self.n_train, self.n_val = len(train), len(val)
+        # The DP unit is the patient: a patient with several cases is one sample.
+        self.n_train, self.n_val = len({c.pseudonym for c in train}), len(val)
         self._cohort_stats = {"n_train": len(train), "n_validation": len(val), "n_excluded": n_excluded}
         reasons = ", ".join(f"{r}: {len(p)}" for r, p in sorted(excluded.items()))
         self.log_info(fl_ctx, f"round {round_} {task}: consent gate for study {self.study}: {len(train)} train, "
@@ -213,7 +221,7 @@ class SegExecutor(Executor):
     def _validate(self) -> dict:
         if self.val_loader is None:
             return {}
-        metrics = evaluate(self.model, self.val_loader)
+        metrics = evaluate(self.model, self.val_loader, self.config)
         return {"dice": finite_or_none(metrics["dice"]), "auc": finite_or_none(metrics["auc"]), "n_val": metrics["n"]}
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:

@@ -28,13 +28,15 @@ from nvflare.app_opt.pt.job_config.base_fed_job import BaseFedJob
 from nvflare.recipe.spec import Recipe
 
 from clinfed.aggregators.fedavg import WeightedFedAvg
+from clinfed.data.profiles import BRAIN_STUDY_ID, STUDY_ID
+from clinfed.data.study import load_study
 from clinfed.aggregators.masked_sum import MaskedFedAvg
 from clinfed.executors.seg_executor import SegExecutor
 from clinfed.filters.contribution_record import ContributionRecorder
 from clinfed.filters.secure_mask import SecureMaskFilter
 from clinfed.models.fusion_seg import FusionSegNet
 from clinfed.privacy import PRIVACY_MODES
-from clinfed.training import DEFAULT_BATCH_SIZE, DEFAULT_LOCAL_EPOCHS, DEFAULT_LR, DEFAULT_ROI
+from clinfed.training import DEFAULT_BATCH_SIZE, DEFAULT_LOCAL_EPOCHS, DEFAULT_LR
 from clinfed.widgets.ledger_recorder import LedgerRecorder
 from clinfed.widgets.round_log import RoundLogWriter
 
@@ -44,6 +46,7 @@ DEFAULT_ROUNDS = 4
 # DP filters) costs a whole period; at 0.1 s a round ends within 0.1 s of its last result.
 TASK_CHECK_PERIOD = 0.1
 PRIVATE_JOB_NAME = "tumour_seg_private"
+BRAIN_JOB_NAME = "brain_mr_tumour_fedavg"
 # Classes outside clinfed. that our jobs use and FLARE's default allow-list lacks.
 EXTRA_ALLOWED_CLASSES = ("nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
                          "nvflare.app_opt.pt.file_model_locator.PTFileModelLocator")
@@ -58,7 +61,9 @@ class TumourSegFedAvgRecipe(Recipe):
         min_clients: sites needed for a round.
         num_rounds: federated rounds.
         local_epochs: epochs per site per round.
-        batch_size, lr, roi: passed to ``SegExecutor``.
+        study: the study definition the sites ingest and train under (its name; the executor
+            finds ``<study>.yml`` at each site); it also sizes the model's EHR input.
+        batch_size, lr, roi: passed to ``SegExecutor`` (roi None: the study's).
         cross_site_eval: add the final cross-site evaluation.
         ledger_policy: outbox policy of the job's ledger records: ``async`` (training goes on
             while a record waits for the ledger) or ``strict`` (a round waits for its records);
@@ -73,13 +78,13 @@ class TumourSegFedAvgRecipe(Recipe):
 
     def __init__(self, *, name: str = FEDAVG_JOB_NAME, min_clients: int = 3, num_rounds: int = DEFAULT_ROUNDS,
                  local_epochs: int = DEFAULT_LOCAL_EPOCHS, batch_size: int = DEFAULT_BATCH_SIZE, lr: float = DEFAULT_LR,
-                 roi: tuple[int, int, int] = DEFAULT_ROI, cross_site_eval: bool = True,
+                 roi: tuple[int, int, int] | None = None, cross_site_eval: bool = True, study: str = STUDY_ID,
                  ledger_policy: str | None = None, privacy: str = "none", dp_target_epsilon: float = 8.0,
                  dp_max_grad_norm: float = 1.0, mask_clip_range: float = 0.5, mask_weight_bound: float = 1e4):
         if privacy not in PRIVACY_MODES:
             raise ValueError(f"privacy must be one of {', '.join(PRIVACY_MODES)}, got {privacy!r}")
         dp, mask = privacy in ("dp", "dp+mask"), privacy in ("mask", "dp+mask")
-        job = BaseFedJob(initial_model=FusionSegNet(), name=name, min_clients=min_clients, key_metric="dice")
+        job = BaseFedJob(initial_model=FusionSegNet(ehr_features=load_study(study).ehr_size), name=name, min_clients=min_clients, key_metric="dice")
         persistor_id = job.comp_ids["persistor_id"]
         if mask:
             workflow = MaskedFedAvg(num_clients=min_clients, num_rounds=num_rounds, persistor_id=persistor_id,
@@ -96,7 +101,8 @@ class TumourSegFedAvgRecipe(Recipe):
         if cross_site_eval and not mask:
             job.to_server(CrossSiteModelEval(model_locator_id=job.comp_ids["locator_id"]))
         dp_args = {"dp_target_epsilon": dp_target_epsilon, "dp_max_grad_norm": dp_max_grad_norm} if dp else {}
-        job.to_clients(SegExecutor(local_epochs=local_epochs, batch_size=batch_size, lr=lr, roi=list(roi), **dp_args),
+        job.to_clients(SegExecutor(study=study, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
+                                   roi=None if roi is None else list(roi), **dp_args),
                        tasks=["train", "validate"] + ([] if mask else ["submit_model"]))
         train = [AppConstants.TASK_TRAIN]
         # Recorded before masking: the hash of the site's update is the same in every attempt of
@@ -113,7 +119,8 @@ class TumourSegFedAvgRecipe(Recipe):
 
 def export_jobs(jobs_dir: Path) -> list[Path]:
     """Write every committed job folder under ``jobs_dir`` (the repository's ``jobs/``)."""
-    recipes = [TumourSegFedAvgRecipe(), TumourSegFedAvgRecipe(name=PRIVATE_JOB_NAME, privacy="dp+mask")]
+    recipes = [TumourSegFedAvgRecipe(), TumourSegFedAvgRecipe(name=PRIVATE_JOB_NAME, privacy="dp+mask"),
+               TumourSegFedAvgRecipe(name=BRAIN_JOB_NAME, study=BRAIN_STUDY_ID)]
     for recipe in recipes:
         recipe.export(str(jobs_dir))
     return [jobs_dir / recipe.name for recipe in recipes]

@@ -18,12 +18,13 @@ class FusionSegNet(nn.Module):
     """Segmentation logits plus a high-grade logit from bottleneck + predicted lesion + EHR.
 
     Args:
-        ehr_features: length of the EHR vector (``clinfed.data.ingest.EHR_FEATURES``).
+        ehr_features: length of the EHR vector: the study's features and their missing-indicators
+            (``StudyDefinition.ehr_size``; 12 for the liver study).
         features: BasicUNet feature sizes; every one must be divisible by ``norm_groups``.
         norm_groups: GroupNorm groups.
     """
 
-    def __init__(self, ehr_features: int = 8, features: tuple[int, ...] = DEFAULT_FEATURES, norm_groups: int = 4):
+    def __init__(self, ehr_features: int = 12, features: tuple[int, ...] = DEFAULT_FEATURES, norm_groups: int = 4):
         super().__init__()
         if any(f % norm_groups for f in features):
             raise ValueError(f"every feature size in {features} must be divisible by norm_groups={norm_groups}")
