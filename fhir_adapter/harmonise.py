@@ -8,7 +8,8 @@ removed); every feature is taken relative to that study's ``started`` date:
 - ``age``: years from ``birthDate`` to the study date (days / 365.25); ``sex_female``: 1 for
   gender female, 0 for male, missing for other and unknown.
 - labs: quantity Observations coded in the lab's value set, converted to its canonical UCUM unit
-  (:mod:`fhir_adapter.units`), the one closest to the study date within the lab's window.
+  (:mod:`fhir_adapter.units`), the one closest to the study date within the lab's window (an
+  undated one only when no dated one is in the window).
 - coded features (e.g. staging): the value map of the closest coded Observation in the window.
 - diagnoses: 1 when a Condition in the value set is dated within the window before the study
   (an undated Condition counts as history), else 0; missing when the patient has no Condition.
@@ -452,8 +453,9 @@ def _closest(facts: list[_Fact], day: dt.date | None, window: Window) -> Any:
         return None
     if day is not None:
         inside = [f for f in facts if f.when is not None and window.contains((f.when - day).days)]
-        if not inside:
-            return None
+        if not inside:  # an undated result cannot be placed: it counts only when no dated one does
+            undated = [f for f in facts if f.when is None]
+            return min(undated, key=lambda f: f.src.order).value if undated else None
         return min(inside, key=lambda f: (abs((f.when - day).days), f.src.order)).value
     return min(facts, key=lambda f: (f.when is None, -f.when.toordinal() if f.when else 0, f.src.order)).value
 

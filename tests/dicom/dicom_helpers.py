@@ -16,7 +16,7 @@ import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from clinfed.data.dicom_io import write_seg, write_series
+from clinfed.data.synth_dicom import write_seg, write_series
 from clinfed.data.profiles import SITE_PROFILES, SiteProfile, SyntheticPatient
 
 SHAPE = (16, 12, 8)  # (X columns, Y rows, Z slices)

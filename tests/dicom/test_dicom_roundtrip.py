@@ -28,7 +28,8 @@ from dicom_helpers import (
 )
 from monai.data import PydicomReader
 
-from clinfed.data.dicom_io import read_seg, read_series, read_study, write_seg, write_series
+from clinfed.data.dicom_io import read_seg, read_series, read_study
+from clinfed.data.synth_dicom import write_seg, write_series
 
 
 def monai_read(folder: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -88,3 +88,10 @@ def _append_lines_fixture():
 @pytest.fixture(name="hl7_dir")
 def _hl7_dir_fixture():
     return HL7_DIR
+
+
+@pytest.fixture(name="label")
+def _label_fixture():
+    """How an issue names a resource: its type and the pseudonym of its logical id (ids are
+    the hospital's own identifiers, never shown in clear)."""
+    return lambda raw: f"{raw.split('/', 1)[0]}/{pseudonymise('fhir-id:' + raw)}"

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import shutil
 
 import pytest
 
+from clinfed.data.study import load_study
 from fhir_adapter import harmonise_site, iter_fhir_file
+
+
+def label(raw: str) -> str:
+    """How an issue names a resource: type and the pseudonym of the logical id (see conftest)."""
+    return f"{raw.split('/', 1)[0]}/pid-" + hashlib.sha256(b"test-key|fhir-id:" + raw.encode()).hexdigest()[:20]
+
 
 STUDY = "clinfed-tumour-seg"
 EXPECTED_COUNTS = {  # resources per fixture file that must come back valid
@@ -16,6 +25,8 @@ EXPECTED_COUNTS = {  # resources per fixture file that must come back valid
     "Bundle-bundle-transaction.json": 6,
     "Bundle-3a0707d3-549e-4467-b8b8-5a2ab3800efe.json": 4,
 }
+
+LIVER = load_study("clinfed-tumour-seg").fhir
 
 
 def test_every_hl7_example_validates_as_r4_through_the_parser(hl7_dir):
@@ -48,11 +59,11 @@ def test_hl7_bundle_labs_in_mmol_per_litre_harmonise_to_canonical_units(tmp_path
     # Bundle-ghp gives glucose 7.4 mmol/L and creatinine 0.09 mmol/L with a printed unit only.
     for name in ("Patient-pat2.json", "Bundle-ghp.json"):
         shutil.copy(hl7_dir / name, tmp_path / name)
-    site = harmonise_site(tmp_path, STUDY, pseudonymise)
+    site = harmonise_site(tmp_path, LIVER, pseudonymise)
     assert site.issues == []
-    row = site.rows[pseudonymise("123456")]
-    assert row.glucose_mmol_l == pytest.approx(7.4, rel=1e-9)
-    assert row.creatinine_umol_l == pytest.approx(90.0, rel=1e-9)
+    row = site.row(pseudonymise("123456"))
+    assert row.features["glucose"] == pytest.approx(7.4, rel=1e-9)
+    assert row.features["creatinine"] == pytest.approx(90.0, rel=1e-9)
     assert row.consent_status == "none"
     assert site.resources_read == {"DiagnosticReport": 1, "Observation": 51, "Patient": 1, "Specimen": 3}
 
@@ -74,28 +85,28 @@ EXAMPLES_FOR_NDJSON = [
 
 def test_ndjson_of_hl7_examples_harmonises_with_untyped_mrn_systems(tmp_path, hl7_dir, pseudonymise):
     path = _ndjson_from_examples(hl7_dir, tmp_path, EXAMPLES_FOR_NDJSON)
-    site = harmonise_site(path, STUDY, pseudonymise, mrn_systems=(
-        "urn:oid:2.16.840.1.113883.2.4.6.3", "http://nema.org/examples/patients"))
+    site = harmonise_site(path, dataclasses.replace(LIVER, mrn_systems=frozenset((
+        "urn:oid:2.16.840.1.113883.2.4.6.3", "http://nema.org/examples/patients"))), pseudonymise)
     assert site.issues == []
     assert set(site.rows) == {pseudonymise("738472983"), pseudonymise("12345"), pseudonymise("MINT1234")}
-    f001 = site.rows[pseudonymise("738472983")]
-    assert f001.glucose_mmol_l == pytest.approx(6.3)  # the cancelled re-test does not count
+    f001 = site.row(pseudonymise("738472983"))
+    assert f001.features["glucose"] == pytest.approx(6.3)  # the cancelled re-test does not count
     assert f001.consent_status == "none"  # consent-example-basic is not a research consent
-    dicom = site.rows[pseudonymise("MINT1234")]
+    dicom = site.row(pseudonymise("MINT1234"))
     # Two studies: the later one (2017, the X-ray) wins.
     assert dicom.study_instance_uid == "2.16.124.113543.6003.1154777499.30246.19789.3503430046"
-    assert dicom.sex_female == 0
-    example = site.rows[pseudonymise("12345")]
-    assert example.age_at_study is None and example.study_instance_uid is None
+    assert dicom.features["sex_female"] == 0
+    example = site.row(pseudonymise("12345"))
+    assert example.features["age"] is None and example.study_instance_uid is None
     assert site.resources_read["Observation"] == 3
 
 
 def test_ndjson_of_hl7_examples_reports_patients_without_typed_mrn(tmp_path, hl7_dir, pseudonymise):
     path = _ndjson_from_examples(hl7_dir, tmp_path, EXAMPLES_FOR_NDJSON)
-    site = harmonise_site(path, STUDY, pseudonymise)
+    site = harmonise_site(path, LIVER, pseudonymise)
     assert set(site.rows) == {pseudonymise("12345")}
     no_mrn = {(i.line, i.resource) for i in site.issues if "no MRN" in i.problem}
-    assert no_mrn == {(3, "Patient/f001"), (5, "Patient/dicom")}
+    assert no_mrn == {(3, label("Patient/f001")), (5, label("Patient/dicom"))}
     assert all(i.path == str(path) for i in site.issues)
     # Resources of a patient already reported are skipped without a second issue each.
     assert len(site.issues) == 2
@@ -116,12 +127,13 @@ def test_hl7_references_resolve_absolute_urn_history_and_identifier_forms(tmp_pa
                                        "value": f"mrn-{resource.get('id', 'anon')}"}]
     path = tmp_path / "refs.json"
     path.write_text(json.dumps(bundle, indent=1), encoding="utf-8")
-    site = harmonise_site(path, STUDY, pseudonymise, mrn_systems=("http://example.org/ids",))
+    site = harmonise_site(path, dataclasses.replace(LIVER, mrn_systems=frozenset(("http://example.org/ids",))),
+                          pseudonymise)
     # Patient/23 (MRN 1234567) is referenced relatively (5), absolutely (6), by the second
     # Observation/14 (9) and by identifier (11): the latest effective date wins.
-    assert site.rows[pseudonymise("1234567")].glucose_mmol_l == 11.0
-    assert site.rows[pseudonymise("mrn-anon")].glucose_mmol_l == 7.0  # via urn:uuid fullUrl
-    assert site.rows[pseudonymise("mrn-45")].glucose_mmol_l == 10.0  # Patient/45/_history/2
+    assert site.row(pseudonymise("1234567")).features["glucose"] == 11.0
+    assert site.row(pseudonymise("mrn-anon")).features["glucose"] == 7.0  # via urn:uuid fullUrl
+    assert site.row(pseudonymise("mrn-45")).features["glucose"] == 10.0  # Patient/45/_history/2
     unresolved = sorted(i.resource for i in site.issues if "not a Patient in this export" in i.problem)
-    assert unresolved == ["Observation/14"]  # http://example.org/fhir-2/Patient/1
-    assert any(i.resource == "Patient/45" and "duplicate" in i.problem for i in site.issues)
+    assert unresolved == [label("Observation/14")]  # http://example.org/fhir-2/Patient/1
+    assert any(i.resource == label("Patient/45") and "duplicate" in i.problem for i in site.issues)

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from clinfed.data.profiles import STUDY_ID
+from clinfed.data.study import load_study
 from fhir_adapter import consent_sha256, harmonise_site
 
 SUBJECT = {"reference": "Patient/p1"}
@@ -17,6 +18,8 @@ PATIENT = {"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate
 STUDY = {"resourceType": "ImagingStudy", "id": "s1", "status": "available", "subject": SUBJECT,
          "started": "2020-06-15T08:30:00+02:00",
          "identifier": [{"system": "urn:dicom:uid", "value": "urn:oid:1.2.3.4"}]}
+
+LIVER = load_study("clinfed-tumour-seg").fhir
 
 
 def _condition(i, system, code):
@@ -46,9 +49,9 @@ def _study_data(study_id):
 def _row(tmp_path, pseudonymise, *resources):
     path = tmp_path / "site.ndjson"
     path.write_text("".join(json.dumps(r) + "\n" for r in (PATIENT, STUDY, *resources)))
-    site = harmonise_site(path, STUDY_ID, pseudonymise)
+    site = harmonise_site(path, LIVER, pseudonymise)
     assert site.issues == [], [str(i) for i in site.issues]
-    return site.rows[pseudonymise("M-778899")], site
+    return site.row(pseudonymise("M-778899")), site
 
 
 @pytest.mark.parametrize("system,codes", [
@@ -60,7 +63,7 @@ def _row(tmp_path, pseudonymise, *resources):
 ])
 def test_diagnosis_flags_map_across_snomed_icd10_and_subcodes(tmp_path, pseudonymise, system, codes):
     row, _ = _row(tmp_path, pseudonymise, *(_condition(i, system, c) for i, c in enumerate(codes)))
-    assert (row.dx_liver_cancer, row.dx_diabetes, row.dx_hypertension) == (1, 1, 1)
+    assert (row.features["diabetes"], row.features["hypertension"]) == (1, 1)
 
 
 def test_unrelated_or_refuted_conditions_set_no_flag(tmp_path, pseudonymise):
@@ -69,7 +72,7 @@ def test_unrelated_or_refuted_conditions_set_no_flag(tmp_path, pseudonymise):
         "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status", "code": "refuted"}]}
     row, _ = _row(tmp_path, pseudonymise, _condition(1, "http://hl7.org/fhir/sid/icd-10", "E66.9"),
                   _condition(3, "http://snomed.info/sct", "I10"), refuted)
-    assert (row.dx_liver_cancer, row.dx_diabetes, row.dx_hypertension) == (0, 0, 0)
+    assert (row.features["diabetes"], row.features["hypertension"]) == (0, 0)
 
 
 @pytest.mark.parametrize("quantity,expected", [
@@ -80,11 +83,11 @@ def test_unrelated_or_refuted_conditions_set_no_flag(tmp_path, pseudonymise):
 ])
 def test_glucose_units_convert_to_mmol_per_litre(tmp_path, pseudonymise, quantity, expected):
     row, _ = _row(tmp_path, pseudonymise, _lab(1, "2345-7", quantity, "2020-06-15"))
-    assert row.glucose_mmol_l == pytest.approx(expected, rel=1e-12)
+    assert row.features["glucose"] == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("quantity,expected", [
-    ({"value": 1.2, "unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"}, 1.2 * 88.42),
+    ({"value": 1.2, "unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"}, 1.2 * 10_000 / 113.12),
     ({"value": 106, "unit": "\u00b5mol/L", "system": "http://unitsofmeasure.org", "code": "umol/L"}, 106.0),
     ({"value": 106, "unit": "\u00b5mol/L"}, 106.0),
     ({"value": 106, "unit": "\u03bcmol/l"}, 106.0),
@@ -92,7 +95,7 @@ def test_glucose_units_convert_to_mmol_per_litre(tmp_path, pseudonymise, quantit
 ])
 def test_creatinine_units_convert_to_micromol_per_litre(tmp_path, pseudonymise, quantity, expected):
     row, _ = _row(tmp_path, pseudonymise, _lab(1, "14682-9", quantity, "2020-06-15"))
-    assert row.creatinine_umol_l == pytest.approx(expected, rel=1e-12)
+    assert row.features["creatinine"] == pytest.approx(expected, rel=1e-12)
 
 
 def test_lab_closest_to_the_study_date_wins(tmp_path, pseudonymise):
@@ -101,9 +104,9 @@ def test_lab_closest_to_the_study_date_wins(tmp_path, pseudonymise):
                   _lab(1, "15074-8", {"value": 9.0, **mmol}, "2019-01-01"),
                   _lab(2, "15074-8", {"value": 6.0, **mmol}, "2020-06-20T10:00:00Z"),
                   _lab(3, "15074-8", {"value": 7.0, **mmol}, "2020-07-30"))
-    assert row.glucose_mmol_l == 6.0
+    assert row.features["glucose"] == 6.0
     # started 2020-06-15T08:30+02:00 is the study's local date; birthDate 1970-06-15
-    assert row.age_at_study == (dt.date(2020, 6, 15) - dt.date(1970, 6, 15)).days / 365.25
+    assert row.features["age"] == (dt.date(2020, 6, 15) - dt.date(1970, 6, 15)).days / 365.25
 
 
 @pytest.mark.parametrize("code,expected", [("61026006", 1), ("54102005", 0), ("1663004", 0)])
@@ -112,12 +115,12 @@ def test_tumour_grade_maps_to_high_grade_outcome(tmp_path, pseudonymise, code, e
              "code": {"coding": [{"system": "http://loinc.org", "code": "33732-9"}]},
              "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": code}]}}
     row, _ = _row(tmp_path, pseudonymise, grade)
-    assert row.outcome_high_grade == expected
+    assert row.outcome == expected
 
 
 def test_no_grade_observation_gives_empty_outcome(tmp_path, pseudonymise):
     row, _ = _row(tmp_path, pseudonymise)
-    assert row.outcome_high_grade is None and row.consent_status == "none"
+    assert row.outcome is None and row.consent_status == "none"
 
 
 def test_latest_consent_wins_including_re_consent(tmp_path, pseudonymise):
@@ -157,5 +160,5 @@ def test_pseudonymise_is_called_once_per_mrn(tmp_path):
     path = tmp_path / "site.ndjson"
     twin = dict(PATIENT, id="p2")
     path.write_text("".join(json.dumps(r) + "\n" for r in (PATIENT, twin, STUDY)))
-    site = harmonise_site(path, STUDY_ID, counting)
+    site = harmonise_site(path, LIVER, counting)
     assert calls == ["M-778899"] and list(site.rows) == ["ps1"]

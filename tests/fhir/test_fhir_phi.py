@@ -6,7 +6,10 @@ import dataclasses
 import json
 
 from clinfed.data.profiles import SITE_PROFILES, STUDY_ID
+from clinfed.data.study import load_study
 from fhir_adapter import harmonise_site
+
+LIVER = load_study("clinfed-tumour-seg").fhir
 
 
 def test_harmonised_output_contains_no_mrn_name_or_birth_date(tmp_path, make_patient, write_site,
@@ -22,7 +25,7 @@ def test_harmonised_output_contains_no_mrn_name_or_birth_date(tmp_path, make_pat
     append_lines(tmp_path / "Observation.ndjson", json.dumps(dict(
         resources["Observation"][0], id="odd-unit", valueQuantity={"value": 3, "unit": patients[3].mrn})))
 
-    site = harmonise_site(tmp_path, STUDY_ID, pseudonymise)
+    site = harmonise_site(tmp_path, LIVER, pseudonymise)
     assert len(site.rows) == 9 and len(site.issues) == 4
 
     output = "\n".join([

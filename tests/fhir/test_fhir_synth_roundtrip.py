@@ -8,10 +8,13 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
 from clinfed.data.profiles import SITE_PROFILES, STUDY_ID
+from clinfed.data.study import load_study
 from clinfed.data.synth_fhir import RESOURCE_TYPES, fhir_resources_for, write_bulk_export
-from fhir_adapter import FEATURE_COLUMNS, consent_sha256, harmonise_site
+from fhir_adapter import consent_sha256, harmonise_site
 
 PROFILE_IDS = [f"{p.name}-{p.glucose_unit}-{p.creatinine_unit}-{p.diagnosis_system}" for p in SITE_PROFILES]
+
+LIVER = load_study("clinfed-tumour-seg").fhir
 
 
 @pytest.mark.parametrize("profile", SITE_PROFILES, ids=PROFILE_IDS)
@@ -30,22 +33,22 @@ def test_synthetic_site_harmonises_back_to_ground_truth(profile, tmp_path, make_
                                                         write_site, pseudonymise):
     patients = [make_patient(i) for i in range(6)]  # every consent state, flag and grade
     write_site(tmp_path, patients, profile)
-    site = harmonise_site(tmp_path, STUDY_ID, pseudonymise)
+    site = harmonise_site(tmp_path, LIVER, pseudonymise)
     assert site.issues == []
     assert site.resources_read["Patient"] == 6
     assert len(site.rows) == 6
     for p in patients:
-        row = site.rows[pseudonymise(p.mrn)]
-        assert tuple(row.as_dict()) == FEATURE_COLUMNS
+        row = site.row(pseudonymise(p.mrn))
+        assert tuple(row.as_dict()) == ("pseudonym", "study_instance_uid", *LIVER.feature_names, "outcome",
+                                        "consent_status")
         assert row.study_instance_uid == p.study_uid
-        assert row.age_at_study == pytest.approx(p.age_at_study, rel=1e-12)
-        assert row.sex_female == int(p.sex == "female")
-        assert row.glucose_mmol_l == pytest.approx(p.glucose_mmol_l, rel=1e-6)
-        assert row.creatinine_umol_l == pytest.approx(p.creatinine_umol_l, rel=1e-6)
-        assert row.dx_liver_cancer == 1
-        assert row.dx_diabetes == int(p.has_diabetes)
-        assert row.dx_hypertension == int(p.has_hypertension)
-        assert row.outcome_high_grade == int(p.high_grade)
+        assert row.features["age"] == pytest.approx(p.age_at_study, rel=1e-12)
+        assert row.features["sex_female"] == int(p.sex == "female")
+        assert row.features["glucose"] == pytest.approx(p.glucose_mmol_l, rel=1e-6)
+        assert row.features["creatinine"] == pytest.approx(p.creatinine_umol_l, rel=1e-6)
+        assert row.features["diabetes"] == int(p.has_diabetes)
+        assert row.features["hypertension"] == int(p.has_hypertension)
+        assert row.outcome == int(p.high_grade)
         assert row.consent_status == p.consent
         assert site.consents[row.pseudonym].status == p.consent
 
@@ -84,7 +87,7 @@ def test_revocation_is_a_later_deny_consent_and_decides(make_patient, tmp_path, 
     assert grant["category"][0]["coding"][0]["code"] == "57016-8"
     assert grant["provision"]["data"] == [{"meaning": "related", "reference": {
         "identifier": {"system": "urn:clinfed:study", "value": STUDY_ID}}}]
-    site = harmonise_site(tmp_path, STUDY_ID, pseudonymise)
+    site = harmonise_site(tmp_path, LIVER, pseudonymise)
     assert site.consents[pseudonymise(active.mrn)].consent_sha256 == consent_sha256(consents[0])
     assert site.consents[pseudonymise(revoked.mrn)].consent_sha256 == consent_sha256(deny)
     assert site.consents[pseudonymise(none.mrn)].status == "none"
@@ -94,8 +97,8 @@ def test_revocation_is_a_later_deny_consent_and_decides(make_patient, tmp_path, 
 def test_consent_for_another_study_id_counts_as_none(make_patient, tmp_path, write_site, pseudonymise):
     patient = make_patient(0, consent="active")
     write_site(tmp_path, [patient], study_id="some-other-study")
-    site = harmonise_site(tmp_path, STUDY_ID, pseudonymise)
-    assert site.rows[pseudonymise(patient.mrn)].consent_status == "none"
+    site = harmonise_site(tmp_path, LIVER, pseudonymise)
+    assert site.row(pseudonymise(patient.mrn)).consent_status == "none"
     assert site.issues == []
 
 

@@ -51,7 +51,7 @@ CREATININE_LOINC_BY_UNIT = {"mg/dL": ("2160-0", "Creatinine [Mass/volume] in Ser
 SODIUM_LOINC = ("2951-2", "Sodium [Moles/volume] in Serum or Plasma")
 CRP_LOINC = ("1988-5", "C reactive protein [Mass/volume] in Serum or Plasma")
 GLUCOSE_MG_DL_PER_MMOL_L = 18.016
-CREATININE_UMOL_L_PER_MG_DL = 88.42
+CREATININE_UMOL_L_PER_MG_DL = 10_000 / 113.12  # creatinine 113.12 g/mol, as the liver study converts
 # Liver study grade: LOINC 33732-9 valued in SNOMED. Brain study: 21858-5 in a local system.
 TUMOUR_GRADE_LOINC = ("33732-9", "Histology grade [Identifier] in Cancer specimen")
 GRADE_HIGH = ("61026006", "Grade 3")
