@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 
-from clinfed.data.ingest import EHR_FEATURES, Case
-from clinfed.training import TrainConfig, device_for_training, make_loader, new_model, train_epochs
+from clinfed.data.ingest import Case
+from clinfed.training import DEFAULT_EHR_SIZE, TrainConfig, device_for_training, make_loader, new_model, train_epochs
 
 
 def synthetic_cases(n: int, roi: tuple[int, int, int], seed: int = 0) -> list[Case]:
@@ -31,7 +31,7 @@ def synthetic_cases(n: int, roi: tuple[int, int, int], seed: int = 0) -> list[Ca
         label = (rng.random(roi) > 0.97).astype(np.uint8)
         image = (rng.normal(size=roi) + 2.0 * label).astype(np.float32)
         cases.append(Case(f"p-{i:032x}", image, label, (1.0, 1.0, 1.0),
-                          rng.normal(size=len(EHR_FEATURES)).astype(np.float32), int(i % 2)))
+                          rng.normal(size=DEFAULT_EHR_SIZE).astype(np.float32), int(i % 2)))
     return cases
 
 

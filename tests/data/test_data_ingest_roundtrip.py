@@ -6,22 +6,27 @@ import numpy as np
 import pytest
 from data_helpers import CONSENT_REASON, active_indices, pseudonyms
 
-from clinfed.data.ingest import EHR_FEATURES, ingest_site
+from clinfed.data.ingest import ingest_site
+from clinfed.data.study import load_study
 from clinfed.data.profiles import profile_for_site
 
 SITES = ("site-1", "site-2", "site-3")
 
 
+STUDY = load_study("clinfed-tumour-seg")
+EHR_FEATURES = STUDY.feature_names + tuple(f"{n}_missing" for n in STUDY.feature_names)
+
+
 def _expected_ehr(patient) -> dict[str, float]:
+    """The liver study's scaling (provisioning/studies/clinfed-tumour-seg.yml); nothing missing."""
     return {
-        "age_decades": patient.age_at_study / 10.0 - 6.0,
+        "age": (patient.age_at_study - 60.0) / 10.0,
         "sex_female": float(patient.sex == "female"),
-        "glucose_z": (patient.glucose_mmol_l - 6.0) / 1.6,
-        "creatinine_z": (patient.creatinine_umol_l - 80.0) / 20.0,
-        "dx_diabetes": float(patient.has_diabetes),
-        "dx_hypertension": float(patient.has_hypertension),
-        "glucose_missing": 0.0,
-        "creatinine_missing": 0.0,
+        "glucose": (patient.glucose_mmol_l - 6.0) / 1.6,
+        "creatinine": (patient.creatinine_umol_l - 80.0) / 20.0,
+        "diabetes": float(patient.has_diabetes),
+        "hypertension": float(patient.has_hypertension),
+        **{f"{n}_missing": 0.0 for n in STUDY.feature_names},
     }
 
 

@@ -9,6 +9,7 @@ import stat
 import numpy as np
 import pydicom
 import pytest
+from clinfed.data import synth_fhir as w
 from fhir_adapter import terminology as t
 from scipy.stats import chi2
 from sklearn.linear_model import LogisticRegression
@@ -119,7 +120,7 @@ def test_sites_write_glucose_in_their_own_units(three_sites):
     for index, site in enumerate(SITES):
         observations = _ndjson(three_sites.root / site / "fhir" / "Observation.ndjson")
         glucose = [o for o in observations
-                   if {c["code"] for c in o["code"]["coding"]} & t.GLUCOSE_LOINC]
+                   if {c["code"] for c in o["code"]["coding"]} & {w.GLUCOSE_LOINC_BY_UNIT[u][0] for u in w.GLUCOSE_LOINC_BY_UNIT}]
         assert len(glucose) == len(three_sites.truth[site])
         units[site] = {o["valueQuantity"]["code"] for o in glucose}
         assert units[site] == {profile_for_site(index).glucose_unit}
@@ -127,17 +128,17 @@ def test_sites_write_glucose_in_their_own_units(three_sites):
 
 
 def test_sites_code_the_same_diagnosis_in_snomed_or_icd10(three_sites):
-    snomed_code, icd10_code, _ = t.DX_LIVER_CANCER
+    snomed_code, icd10_code, _ = w.DX_LIVER_CANCER
     systems = {}
     for index, site in enumerate(SITES):
         conditions = _ndjson(three_sites.root / site / "fhir" / "Condition.ndjson")
         codings = [c for condition in conditions for c in condition["code"]["coding"]]
         systems[site] = {c["system"] for c in codings}
-        expected = t.DIAGNOSIS_SYSTEMS[profile_for_site(index).diagnosis_system]
+        expected = w.DIAGNOSIS_SYSTEMS[profile_for_site(index).diagnosis_system]
         assert systems[site] == {expected}
         liver = [c for c in codings if c["code"] == (snomed_code if expected == t.SNOMED else icd10_code)]
         assert len(liver) == len(three_sites.truth[site])  # every patient has the tumour diagnosis
-    assert set().union(*systems.values()) == {t.SNOMED, t.DIAGNOSIS_SYSTEMS["icd10"]}
+    assert set().union(*systems.values()) == {t.SNOMED, w.DIAGNOSIS_SYSTEMS["icd10"]}
 
 
 def test_sites_differ_in_share_of_high_grade_outcomes(three_sites):
@@ -147,9 +148,9 @@ def test_sites_differ_in_share_of_high_grade_outcomes(three_sites):
     for site in SITES:
         observations = _ndjson(three_sites.root / site / "fhir" / "Observation.ndjson")
         grades = [{c["code"] for c in o["valueCodeableConcept"]["coding"]} for o in observations
-                  if t.TUMOUR_GRADE_LOINC[0] in {c["code"] for c in o["code"]["coding"]}]
+                  if w.TUMOUR_GRADE_LOINC[0] in {c["code"] for c in o["code"]["coding"]}]
         assert len(grades) == len(three_sites.truth[site])
-        share[site] = np.mean([t.GRADE_HIGH[0] in codes for codes in grades])
+        share[site] = np.mean([w.GRADE_HIGH[0] in codes for codes in grades])
         assert share[site] == pytest.approx(
             np.mean([c.patient.high_grade for c in three_sites.truth[site]]))
     assert share["site-3"] - share["site-2"] >= 0.25, share

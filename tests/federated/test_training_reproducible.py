@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clinfed.data.ingest import EHR_FEATURES, Case
-from clinfed.training import TrainConfig, make_loader, new_model, state_to_numpy, train_epochs
+from clinfed.data.ingest import Case
+from clinfed.training import DEFAULT_EHR_SIZE, TrainConfig, make_loader, new_model, state_to_numpy, train_epochs
 
 ROI = (16, 16, 16)  # the smallest the UNet's four poolings take
 
@@ -20,7 +20,7 @@ def _cases(n: int = 6) -> list[Case]:
         label[: 4 + i, 4:10, 2:5] = 1  # asymmetric along the flipped axis: a flip shows
         image = (rng.normal(size=ROI) + 3.0 * label).astype(np.float32)
         cases.append(Case(f"p-{i:032x}", image, label, (1.0, 1.0, 1.0),
-                          rng.normal(size=len(EHR_FEATURES)).astype(np.float32), i % 2))
+                          rng.normal(size=DEFAULT_EHR_SIZE).astype(np.float32), i % 2))
     return cases
 
 

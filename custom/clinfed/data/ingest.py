@@ -190,7 +190,10 @@ def ingest_site(site_dir: Path, study: StudyDefinition | str = STUDY_ID, pseudon
                                                    f"{folder.name}: the deciding Consent's period does not cover "
                                                    "the imaging study's date"))
                 continue
-        segs = [p for p in seg_files(folder) if seg_references_series(p, volume.series_uid)]
+        all_segs = seg_files(folder)
+        segs = [p for p in all_segs if seg_references_series(p, volume.series_uid)]
+        if not segs and len(all_segs) == 1:
+            segs = all_segs  # the folder's one SEG is of another series: read_seg says so, naming it
         if len(segs) != 1:
             problem = ("no DICOM SEG" if not segs else
                        f"{len(segs)} DICOM SEG files ({', '.join(p.name for p in segs)}), expected one")
