@@ -98,14 +98,14 @@ def test_unknown_unit_names_file_and_line_and_leaves_value_empty(site_dir, appen
     fhir_dir, patients, resources = site_dir
     obs = dict(resources["Observation"][0])  # patient 1's glucose
     obs["id"] = "glucose-in-grams"
-    obs["valueQuantity"] = {"value": 1.1, "unit": "g/L", "system": "http://unitsofmeasure.org", "code": "g/L"}
+    # g/L would convert (UCUM with glucose's molar mass); a plain amount of substance does not.
+    obs["valueQuantity"] = {"value": 1.1, "unit": "mmol", "system": "http://unitsofmeasure.org", "code": "mmol"}
     obs["effectiveDateTime"] = patients[0].study_date.isoformat()
     (line,) = append_lines(fhir_dir / "Observation.ndjson", json.dumps(obs))
     site = _harmonise(fhir_dir, pseudonymise)
     issue = _only_issue(site)
     assert (issue.path, issue.line, issue.resource) == (str(fhir_dir / "Observation.ndjson"), line, label("Observation/glucose-in-grams"))
-    assert "glucose valueQuantity unit is missing or not known" in issue.problem
-    assert "g/L" not in issue.problem
+    assert "glucose Observation.valueQuantity unit is missing, not UCUM, or does not convert" in issue.problem
     _assert_good_patients(site, patients, pseudonymise)  # the valid glucose is still used
 
 
@@ -170,7 +170,7 @@ def test_consent_for_another_study_or_in_draft_does_not_count(site_dir, pseudony
     assert site.issues == []
     # The draft is reported as a draft (not "none"); the other study's consent does not count.
     assert site.row(pseudonymise(other.mrn)).consent_status == "draft"
-    assert site.consents[pseudonymise(other.mrn)].consent_sha256 is None
+    assert site.consents[pseudonymise(other.mrn)].status == "draft"  # not in force, and not "none"
     _assert_good_patients(site, patients, pseudonymise)
 
 

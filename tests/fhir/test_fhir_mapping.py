@@ -161,4 +161,6 @@ def test_pseudonymise_is_called_once_per_mrn(tmp_path):
     twin = dict(PATIENT, id="p2")
     path.write_text("".join(json.dumps(r) + "\n" for r in (PATIENT, twin, STUDY)))
     site = harmonise_site(path, LIVER, counting)
-    assert calls == ["M-778899"] and list(site.rows) == ["ps1"]
+    # Once per MRN; logical ids are pseudonymised too, but only when an issue names them.
+    assert [c for c in calls if not c.startswith("fhir-id:")] == ["M-778899"]
+    assert list(site.rows) == [f"ps{calls.index('M-778899') + 1}"]

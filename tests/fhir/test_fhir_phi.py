@@ -30,7 +30,7 @@ def test_harmonised_output_contains_no_mrn_name_or_birth_date(tmp_path, make_pat
 
     output = "\n".join([
         json.dumps(site.table()),
-        json.dumps([dataclasses.asdict(c) for c in site.consents.values()]),
+        json.dumps([dataclasses.asdict(c) for c in site.consents.values()], default=str),
         json.dumps(site.resources_read),
         repr(site),
         *(str(i) for i in site.issues),

@@ -63,7 +63,7 @@ def test_site_units_and_codes_follow_the_profile(make_patient):
 
     assert lab("site-1", "2345-7") == pytest.approx(
         {"value": 5.5 * 18.016, "unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"})
-    assert lab("site-1", "2160-0")["value"] == pytest.approx(1.0)
+    assert lab("site-1", "2160-0")["value"] == pytest.approx(88.42 * 113.12 / 10_000)
     assert lab("site-2", "15074-8")["code"] == "mmol/L"
     assert lab("site-2", "14682-9") == pytest.approx(
         {"value": 88.42, "unit": "\u00b5mol/L", "system": "http://unitsofmeasure.org", "code": "umol/L"})
