@@ -562,7 +562,7 @@ class ClinfedContract(Contract):
             raise ChaincodeError(INVALID, f"record_type must be one of {', '.join(KEY_PARTS)}, "
                                  f"got {_show(record_type)}")
         consortium = await self._consortium(ctx)
-        self._known_caller(ctx, consortium)
+        caller = self._known_caller(ctx, consortium)
         parts = _check_fields(_parse_json(key, "key"), f"{record_type} key", KEY_PARTS[record_type])
         attrs = []
         for name in KEY_PARTS[record_type]:
@@ -577,7 +577,7 @@ class ClinfedContract(Contract):
         composite = stub.create_composite_key(record_type, attrs)
         if record_type == K_CONSENT:
             current = await self._get(ctx, composite)
-            if current is None or current["site"] != self._caller_site(ctx, consortium):
+            if current is None or consortium["sites"].get(current["site"]) != caller:
                 raise ChaincodeError(NOT_FOUND, f"no consent of {parts['pseudonym']} for study {parts['study']} "
                                      f"recorded by your site")
         entries = []

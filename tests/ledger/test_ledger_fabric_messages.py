@@ -254,7 +254,7 @@ def test_unreachable_peer_is_reported_as_unavailable(tmp_path):
     ledger = FabricLedger.from_msp("127.0.0.1:1", write_msp(tmp_path / "msp"), "Site1MSP",
                                    timeouts={"evaluate": 3.0})
     try:
-        with pytest.raises(LedgerUnavailable, match="Evaluate of GetJob via 127.0.0.1:1 failed"):
+        with pytest.raises(LedgerUnavailable, match="Evaluate of GetContributions via 127.0.0.1:1 failed"):
             ledger.job("j")
     finally:
         ledger.close()

@@ -541,6 +541,13 @@ class LocalLedger(ContractLedger):
     def evaluate(self, function: str, *args: str) -> str:
         return self.process(self._signed_proposal(function, args), commit=False)
 
+    def sign_request(self, function: str, *args: str) -> proposal_pb2.SignedProposal:
+        """A signed request for ``function`` (what :meth:`submit` sends), e.g. to send it later."""
+        return self._signed_proposal(function, args)
+
+    def submit_signed(self, signed: proposal_pb2.SignedProposal) -> str:
+        return self.process(signed, commit=True)
+
     def _signed_proposal(self, function: str, args) -> proposal_pb2.SignedProposal:
         built = build_proposal(creator=self.identity.creator, channel=self.channel, chaincode=self.chaincode,
                                function=f"{CONTRACT}:{function}", args=args, clock=self._clock)
