@@ -238,6 +238,9 @@ class LocalLedger(ContractLedger):
                  channel: str = "clinfed", chaincode: str = "clinfed", clock: Callable[[], float] = time.time,
                  node_clock: Callable[[], float] = time.time, busy_timeout: float = 30.0):
         self.path = Path(path)
+        if not self.path.is_file():
+            raise LedgerNotFound(f"{self.path}: no ledger file here; a ledger is created only by "
+                                 f"`clinfed consortium provision` (or the demo): check the path")
         if identity is None:
             identity, trusted_ca, head_file = self._simulation_identity(msp_id)
         elif msp_id is not None and msp_id != identity.msp_id:
@@ -291,7 +294,7 @@ class LocalLedger(ContractLedger):
                                             "membership": membership.to_json()},
                                  "signer": _b64(identity.creator)}).encode("utf-8")
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(path), isolation_level=None)
+        conn = sqlite3.connect(str(path), isolation_level=None)  # creates the file
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("BEGIN IMMEDIATE")
@@ -311,8 +314,7 @@ class LocalLedger(ContractLedger):
         if self._conn is not None and self._pid == os.getpid():
             return self._conn
         if not self.path.is_file():
-            raise LedgerNotFound(f"{self.path}: no ledger file here; a ledger is created only by "
-                                 f"`clinfed consortium provision` (or the demo): check the path")
+            raise LedgerNotFound(f"{self.path}: the ledger file is gone")
         conn = None
         try:
             conn = sqlite3.connect(str(self.path), timeout=self._busy_timeout, isolation_level=None,

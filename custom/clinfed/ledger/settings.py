@@ -145,7 +145,8 @@ def site_config_ledger(participant: str, config_file: Path) -> LedgerSettings | 
         raise ConfigError(f"{config_file}: field 'ledger' must be an object (an open_ledger configuration)")
     config = dict(section)
     owner = config.pop("participant", None)
-    config.setdefault("msp_id", msp_id_for(owner or participant))
+    if "msp_id" not in config:
+        config["msp_id"] = msp_id_for(owner or participant)
     config.setdefault("outbox", DEFAULT_OUTBOX)
     if not config["outbox"]:
         config.pop("outbox")
