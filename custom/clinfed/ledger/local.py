@@ -339,12 +339,26 @@ class LocalLedger(ContractLedger):
                 conn.close()
             if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
                 raise LedgerUnavailable(f"{self.path}: cannot open the local ledger ({exc})") from exc
-            raise LedgerError(f"{self.path}: not a clinfed ledger, or damaged beyond reading ({exc})") from exc
+            with open(self.path, "rb") as handle:
+                if handle.read(16) != b"SQLite format 3\0":
+                    raise LedgerError(f"{self.path}: not a clinfed ledger (not an SQLite file)") from exc
+            raise LedgerTampered(self.path, self._first_unreadable_block(), f"the file cannot be read ({exc})") from exc
         except LedgerError:
             conn.close()
             raise
         self._conn, self._pid = conn, os.getpid()
         return conn
+
+    def _first_unreadable_block(self) -> int:
+        """For a file SQLite cannot open normally: the first block that cannot be read on its own."""
+        number = 0
+        try:
+            with sqlite3.connect(f"file:{self.path}?mode=ro", uri=True) as conn:
+                while conn.execute("SELECT number FROM blocks WHERE number = ?", (number,)).fetchone():
+                    number += 1
+        except sqlite3.DatabaseError:
+            pass
+        return number
 
     def verify(self) -> int:
         """Replay and check every block not yet verified (all of them on first use); returns the
