@@ -135,12 +135,13 @@ def local_verify_time(work: Path, verify_rounds: int, n_sites: int = 10) -> dict
     # checking every block) and stream the job's records.
     t0 = time.perf_counter()
     with LocalLedger(path, msp_id_for(sites[0])) as reader:
-        opened = time.perf_counter() - t0
+        reader.verify()
+        replayed = time.perf_counter() - t0
         result = audit.verify(reader, "job-long")
     total = time.perf_counter() - t0
     assert result.ok and result.job.rounds == verify_rounds, result.job.problems
     return {"rounds": verify_rounds, "sites": n_sites, "records": result.job.records, "blocks": verify_rounds * (n_sites + 1) + 2,
-            "seconds": round(total, 3), "open_and_replay_seconds": round(opened, 3),
+            "seconds": round(total, 3), "replay_seconds": round(replayed, 3),
             "build_seconds": round(build, 2), "ledger_bytes": _file_bytes(path)}
 
 
