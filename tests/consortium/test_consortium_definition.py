@@ -187,8 +187,11 @@ def test_site_config_and_fabric_mapping(tmp_path):
     c = load_consortium(CONSORTIUM_YML)
     config = local_files.site_config(c, "site-2", tmp_path / "ledger.sqlite", str(tmp_path / "data" / "site-2"))
     assert config["data_dir"] == str(tmp_path / "data" / "site-2")
-    assert config["ledger"] == {"backend": "local", "msp_id": "Site2MSP", "outbox": "clinfed_ledger_outbox.jsonl",
-                                "policy": "async", "path": str(tmp_path / "ledger.sqlite")}
+    assert config["ledger"] == {"participant": "site-2", "backend": "local", "msp_id": "Site2MSP",
+                                "outbox": "clinfed_ledger_outbox.jsonl", "policy": "async",
+                                "path": str(tmp_path / "ledger.sqlite"), "head_file": "clinfed_ledger_head.json",
+                                "cert": "../startup/client.crt", "key": "../startup/client.key",
+                                "ca": "../startup/rootCA.pem"}
     server = local_files.site_config(c, "coordinator", tmp_path / "ledger.sqlite")
     assert "data_dir" not in server and server["ledger"]["msp_id"] == "CoordinatorMSP"
     orgs = local_files.fabric_orgs(c)

@@ -9,8 +9,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from clinfed.consortium.provision import provision
-from clinfed.ledger import LocalLedger
-from clinfed.ledger.settings import COORDINATOR_MSP
+from clinfed.ledger.settings import COORDINATOR, ledger_settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,6 +34,7 @@ def test_provisioning_writes_no_masking_key_and_registers_none(tmp_path):
     assert keys, "expected FLARE's TLS private keys in the kits"
     # ...but not one X25519 key: the masking secret of a site exists only where the site makes it.
     assert not [path for path, key in keys if isinstance(key, X25519PrivateKey)]
-    with LocalLedger(result.ledger_file, COORDINATOR_MSP) as ledger:
+    server_local = result.kit(result.consortium.coordinator.name) / "local"
+    with ledger_settings(COORDINATOR, site_config_dir=server_local).open(outbox=False) as ledger:
         assert ledger.site_keys() == {}
         assert sorted(ledger.consortium().sites) == result.consortium.site_names

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clinfed.ledger.settings import COORDINATOR, DEFAULT_OUTBOX
+from clinfed.ledger.settings import COORDINATOR, DEFAULT_HEAD_FILE, DEFAULT_OUTBOX
 from clinfed.site_config import SITE_CONFIG_FILE
 
 from .definition import Consortium, Site
@@ -113,16 +113,25 @@ def move_server_storage(resources: dict, storage_root: Path) -> dict:
     return resources
 
 
+def kit_identity(participant: str) -> dict[str, str]:
+    """Where a participant's ledger identity lives in its startup kit, relative to ``local/``: the
+    kit's own certificate and key (``server.*`` for the coordinator, ``client.*`` for a site) and
+    FLARE's root CA, so FLARE's PKI is the ledger's."""
+    base = "server" if participant == COORDINATOR else "client"
+    return {"cert": f"../startup/{base}.crt", "key": f"../startup/{base}.key", "ca": "../startup/rootCA.pem"}
+
+
 def ledger_section(consortium: Consortium, participant: str, ledger_file: Path | None) -> dict:
-    """The ``ledger`` section of a participant's ``clinfed_site.json``."""
+    """The ``ledger`` section of a participant's ``clinfed_site.json``: which ledger, and which
+    identity (``participant``, its MSP ID and, on the local ledger, its kit's certificate and key)."""
     from clinfed.ledger.settings import msp_id_for
 
     config = dict(consortium.ledger)
     participants = config.pop("participants", {}) or {}
-    section = {"backend": config.get("backend", "local"), "msp_id": msp_id_for(participant),
-               "outbox": DEFAULT_OUTBOX, "policy": config.get("policy", "async")}
+    section = {"participant": participant, "backend": config.get("backend", "local"),
+               "msp_id": msp_id_for(participant), "outbox": DEFAULT_OUTBOX, "policy": config.get("policy", "async")}
     if section["backend"] == "local":
-        section["path"] = str(ledger_file)
+        section.update(path=str(ledger_file), head_file=DEFAULT_HEAD_FILE, **kit_identity(participant))
     else:
         section.update({k: v for k, v in config.items() if k not in ("backend", "policy")})
         section.update(participants.get(participant, {}))

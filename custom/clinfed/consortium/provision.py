@@ -182,7 +182,7 @@ def provision(consortium_file: str | Path, out: str | Path, *, data_root: str | 
     local_files.write_json(out / "fabric" / "flare_to_fabric.json", local_files.flare_to_fabric(consortium))
 
     if ledger_file is not None:
-        init_local_ledger(ledger_file, consortium)
+        init_local_ledger(ledger_file, consortium, kits)
 
     state = {"consortium": consortium.name, "study": consortium.study, "source": str(Path(consortium_file).resolve()),
              "server": consortium.coordinator.name, "host": consortium.coordinator.host,
@@ -209,16 +209,44 @@ def server_env(consortium: Consortium) -> dict[str, str]:
     return env
 
 
-def init_local_ledger(ledger_file: Path, consortium: Consortium) -> None:
-    """Initialise the consortium on the LocalLedger, as the coordinator. Sites register their own
-    masking keys (``clinfed keys register``)."""
-    from clinfed.ledger import DuplicateRecord, LocalLedger
+def kit_identity_files(kit: Path, participant: str):
+    """A participant's ledger identity in its startup kit (see :func:`local_files.kit_identity`)."""
+    from clinfed.ledger.pki import IdentityFiles
+    from clinfed.ledger.settings import DEFAULT_HEAD_FILE
 
-    with LocalLedger(ledger_file, COORDINATOR_MSP) as ledger:
-        try:
-            ledger.init_consortium({s.name: s.msp_id for s in consortium.sites}, COORDINATOR_MSP)
-        except DuplicateRecord:
-            pass
+    local = Path(kit) / "local"
+    return IdentityFiles(*(local / path for path in local_files.kit_identity(participant).values()),
+                         head_file=local / DEFAULT_HEAD_FILE)
+
+
+def kit_ledger(ledger_file: Path, kit: Path, participant: str, msp_id: str):
+    """The LocalLedger as ``participant``, signing with its startup kit's own key."""
+    from clinfed.ledger import LocalLedger
+
+    files = kit_identity_files(kit, participant)
+    return LocalLedger(ledger_file, identity=files.load(msp_id), trusted_ca=files.ca_pem(), head_file=files.head_file)
+
+
+def init_local_ledger(ledger_file: Path, consortium: Consortium, kits: dict[str, Path]) -> None:
+    """Create the consortium's LocalLedger: its genesis block trusts FLARE's root CA and binds each
+    MSP ID to its participant's kit certificate (the server's for the coordinator); the server's
+    key signs it and initialises the consortium. Sites register their own masking keys
+    (``clinfed keys register``, signed with the site's kit key)."""
+    from cryptography import x509
+
+    from clinfed.ledger import LocalLedger
+    from clinfed.ledger.pki import Membership, common_name
+
+    server_kit = kits[consortium.coordinator.name]
+    members = {COORDINATOR_MSP: (COORDINATOR, server_kit)}
+    members.update({s.msp_id: (s.name, kits[s.name]) for s in consortium.sites})
+    names = {msp: (common_name(x509.load_pem_x509_certificate(kit_identity_files(kit, p).cert.read_bytes())),)
+             for msp, (p, kit) in members.items()}
+    server = kit_identity_files(server_kit, COORDINATOR)
+    membership = Membership((server.ca_pem(),), names)
+    LocalLedger.create(ledger_file, server.load(COORDINATOR_MSP), membership).close()
+    with kit_ledger(ledger_file, server_kit, COORDINATOR, COORDINATOR_MSP) as ledger:
+        ledger.init_consortium({s.name: s.msp_id for s in consortium.sites}, COORDINATOR_MSP)
 
 
 def load_state(out: str | Path) -> dict:
