@@ -335,10 +335,13 @@ class Network:
         section["Policies"] = {
             "Readers": {"Type": "Signature", "Rule": f"OR('{msp}.admin', '{msp}.peer', '{msp}.client')"},
             "Writers": {"Type": "Signature", "Rule": f"OR('{msp}.admin', '{msp}.client')"},
-            "Admins": {"Type": "Signature", "Rule": f"OR('{msp}.admin')"},
-            "Endorsement": {"Type": "Signature", "Rule": f"OR('{msp}.peer')"}}
+            "Admins": {"Type": "Signature", "Rule": f"OR('{msp}.admin')"}}
         peers = [p for p in self.peers if self.spec.nodes[p]["org"] == org]
-        if peers:  # anchor peers: how other orgs' gateways and discovery find this org's peer
+        if peers:
+            # Only an org that runs a peer has an Endorsement policy, so the channel's
+            # "MAJORITY Endorsement" counts peer orgs only: observers can neither endorse nor block.
+            section["Policies"]["Endorsement"] = {"Type": "Signature", "Rule": f"OR('{msp}.peer')"}
+            # anchor peers: how other orgs' gateways and discovery find this org's peer
             section["AnchorPeers"] = [{"Host": HOST, "Port": self.spec.nodes[p]["ports"]["listen"]} for p in peers]
         return section
 

@@ -39,10 +39,8 @@ def start_network(consensus: str = "raft", **kwargs) -> Network:
     """A new network in a temporary folder, stopped and deleted at interpreter exit at the latest."""
     home = fabric_home()
     root = tempfile.mkdtemp(prefix=f"clinfed-fabric-{consensus}-")
-    # The shared contract suite signs proposals dated 2001 to prove that record timestamps come
-    # from the transaction header; peers refuse proposals outside their time window (15 min by
-    # default), so test networks accept any date. Production networks keep the default.
-    kwargs.setdefault("auth_timewindow", "438000h")
+    # Peers keep their default 15 min time window; the contract's own clock-skew limit (5 min) is
+    # the one the shared suite checks.
     net = Network.create(root, consensus=consensus, observers=[OBSERVER], **kwargs)
     net.spec.fabric_home = str(home)
     atexit.register(_down_quietly, net)
@@ -89,9 +87,34 @@ def fresh_chaincode(net: Network) -> str:
         return ready.pop(0)
 
 
-def fabric_opener():
-    """``open(msp_id, clock=None)`` for the shared ledger suite: clients of a fresh namespace."""
+def fabric_consortium_parts():
+    """``open(msp_id, clock=None)``, ``open_with(identity)`` and ``identity(msp_id)`` for the shared
+    ledger suite, on a fresh namespace of the session's Raft network."""
+    from clinfed.ledger.fabric import FabricLedger
+    from clinfed.ledger.identity import load_msp_identity
+
     net = shared_network("raft")
+    open_as = fabric_opener(net)
+    name = open_as.chaincode
+
+    def open_with(identity):
+        try:
+            peer = net.peer_of(identity.msp_id)
+        except FabricNetworkError:
+            peer = net.peer_of(net.coordinator_msp)
+        return FabricLedger(net.address(peer), identity, channel=net.spec.channel, chaincode=name,
+                            tls_root_cert=str(net.tls_ca(net.spec.nodes[peer]["org"])))
+
+    def identity(msp_id):
+        return load_msp_identity(net.user_dir(msp_id[:-3]) / "msp", msp_id)
+
+    return open_as, open_with, identity
+
+
+def fabric_opener(net: Network | None = None):
+    """``open(msp_id, clock=None)`` for the shared ledger suite: clients of a fresh namespace
+    (its name in the function's ``chaincode`` attribute)."""
+    net = net or shared_network("raft")
     name = fresh_chaincode(net)
     opened: dict = {}
 
@@ -105,6 +128,7 @@ def fabric_opener():
             opened[msp_id] = net.ledger(msp_id, chaincode=name, synced=True)
         return opened[msp_id]
 
+    open_as.chaincode = name
     return open_as
 
 

@@ -1,26 +1,39 @@
 """The clinfed audit contract: who contributed what to which model, under which consent.
 
-Every record is canonical JSON (sorted keys, no spaces, UTF-8) under a composite key:
+Every record is canonical JSON (RFC 8785, the PyPI package ``rfc8785``) under a composite key:
 
 ==============  ==========================================  =============================
 record          composite key                               written by
 ==============  ==========================================  =============================
 consortium      ``consortium``                              the coordinator, once
-site key        ``sitekey / site``                          that site (X25519 public key)
+site key        ``sitekey / site``                          that site (X25519 public key, versioned)
 consent         ``consent / study / pseudonym``             the patient's site
+consent count   ``consentcount / study / site``             kept by PutConsent
 contribution    ``contribution / job / round / site``       that site
 global model    ``model / job / round``                     the coordinator
 absence         ``absence / job / round / site``            the coordinator
 ==============  ==========================================  =============================
 
+Secondary indexes are composite keys whose value is one zero byte (Fabric's convention), so a
+lookup by site or by pseudonym is one range query over the index, never a scan of the namespace:
+``contribution~site / site / job / round``, ``consent~site / study / site / pseudonym`` and
+``consent~pseudonym / site / pseudonym / study``.
+
 Rounds are zero-padded in keys so that a prefix scan returns them in order. Every write checks
-the caller's MSP ID first, validates every field (unknown fields are refused, so nothing but a
+the caller first (its MSP ID, authenticated by the peer, or by LocalLedger, from the signed
+request), refuses a transaction whose header time is more than ``MAX_CLOCK_SKEW`` seconds from
+the executing node's clock, validates every field (unknown fields are refused, so nothing but a
 pseudonym can identify a patient), writes once, and emits one chaincode event whose payload is
 the stored record. Contributions, global models and absences are never overwritten: a second
 write of the same key is refused, with ``CLINFED_DUPLICATE`` when it repeats the stored record
-(a retry of a write that did commit) and ``CLINFED_CONFLICT`` when it differs. A consent changes status over
-time; its earlier states stay in the key's history, and a write that changes nothing is a
-duplicate. Times come from the transaction header, which every endorser sees alike.
+(a retry of a write that did commit) and ``CLINFED_CONFLICT`` when it differs. A consent changes
+status over time; its earlier states stay in the key's history, and a write that changes
+nothing is a duplicate.
+
+Reads are paginated (``page_size`` at most ``MAX_PAGE_SIZE``; a page answers ``{"records",
+"bookmark"}``, and the bookmark, empty at the end, fetches the next page). Every reader must be
+a member of the consortium. A site reads its own consents in full; everyone else reads only
+their commitments and the per-site counts (``GetConsentCounts``).
 
 Errors are raised as :class:`ChaincodeError`; their text starts with ``CLINFED_<CODE>:`` so a
 client can tell a duplicate (safe to treat as done) from a refusal.
@@ -34,7 +47,10 @@ import datetime as _dt
 import json
 import math
 import re
+import time
 from typing import Any
+
+import rfc8785
 
 from ._shim import Contract, TransactionContext
 
@@ -48,6 +64,7 @@ DUPLICATE = "DUPLICATE"
 NOT_FOUND = "NOT_FOUND"
 NOT_INITIALISED = "NOT_INITIALISED"
 CONFLICT = "CONFLICT"
+CLOCK_SKEW = "CLOCK_SKEW"
 
 # Event names, one per write transaction.
 EVENT_CONSORTIUM = "ConsortiumInitialised"
@@ -61,9 +78,13 @@ EVENT_ABSENCE = "AbsenceRecorded"
 K_CONSORTIUM = "consortium"
 K_SITE_KEY = "sitekey"
 K_CONSENT = "consent"
+K_CONSENT_COUNT = "consentcount"
 K_CONTRIBUTION = "contribution"
 K_MODEL = "model"
 K_ABSENCE = "absence"
+IX_CONTRIBUTION_BY_SITE = "contribution~site"
+IX_CONSENT_BY_SITE = "consent~site"
+IX_CONSENT_BY_PSEUDONYM = "consent~pseudonym"
 KEY_PARTS = {  # object type -> names of its key attributes, for GetHistory
     K_CONSORTIUM: (),
     K_SITE_KEY: ("site",),
@@ -72,8 +93,23 @@ KEY_PARTS = {  # object type -> names of its key attributes, for GetHistory
     K_MODEL: ("job_id", "round"),
     K_ABSENCE: ("job_id", "round", "site"),
 }
+_INDEX_VALUE = b"\x00"
 
-_META = ("tx_id", "timestamp", "recorded_by")  # added to every record by _write
+# What each write transaction accepts: (required fields, optional fields). clinfed.ledger.records
+# takes its field lists from here.
+RECORD_FIELDS = {
+    K_CONSORTIUM: (("coordinator_msp", "sites"), ()),
+    K_SITE_KEY: (("site", "public_key"), ()),
+    K_CONSENT: (("pseudonym", "study", "site", "status", "consent_commitment"), ()),
+    K_CONTRIBUTION: (("job_id", "round", "site", "update_sha256", "n_samples"),
+                     ("metrics", "epsilon", "delta", "hash_stage")),
+    K_MODEL: (("job_id", "round", "model_sha256", "participants", "aggregation"),
+              ("expected_sites", "n_samples", "epsilon", "metrics")),
+    K_ABSENCE: (("job_id", "round", "site"), ("reason",)),
+}
+META_FIELDS = ("tx_id", "timestamp", "recorded_by")  # added to every record by _write
+# What a reader other than the patient's site sees of a consent.
+CONSENT_COMMITMENT_VIEW = ("type", "study", "site", "consent_commitment", "tx_id", "timestamp", "recorded_by")
 
 CONSENT_STATUSES = ("active", "revoked")
 HASH_STAGES = ("after_dp", "after_masking")
@@ -81,6 +117,11 @@ ROUND_DIGITS = 8
 MAX_ROUND = 10**ROUND_DIGITS - 1
 MAX_METRICS = 32
 MAX_SITES = 1000
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 500
+# A transaction's header time (the submitter's clock) may differ this much from the clock of the
+# node that executes it; beyond, it is refused. Fabric peers allow 15 min by default.
+MAX_CLOCK_SKEW = 300.0
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _SITE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -89,6 +130,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PSEUDONYM = re.compile(r"p-[0-9a-f]{32}")  # clinfed.data.pseudonym: "p-" + 128-bit HMAC, hex
 _METRIC = re.compile(r"[a-z][a-z0-9_./]{0,63}")  # names like val_dice; no room for identifiers like MRNs
 _REASON = re.compile(r"[A-Za-z0-9 _.,:;()/-]{0,200}")
+_MAX_RUNE = "\U0010FFFF"
 
 
 class ChaincodeError(Exception):
@@ -100,8 +142,11 @@ class ChaincodeError(Exception):
 
 
 def canonical_json(value: Any) -> str:
-    """The one serialisation of records: sorted keys, no whitespace, UTF-8, no NaN."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    """The one serialisation of records: RFC 8785 (JCS); NaN and infinities are refused."""
+    try:
+        return rfc8785.dumps(value).decode("utf-8")
+    except rfc8785.CanonicalizationError as exc:
+        raise ChaincodeError(INVALID, f"value cannot be canonicalised: {exc}") from None
 
 
 # --------------------------------------------------------------------------- validation
@@ -114,7 +159,12 @@ def _parse_json(text: str, what: str) -> Any:
         raise ChaincodeError(INVALID, f"{what} is not valid JSON: {exc}") from None
 
 
-def _fields(record: Any, what: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
+def _fields(record: Any, what: str, kind: str) -> dict:
+    required, optional = RECORD_FIELDS[kind]
+    return _check_fields(record, what, required, optional)
+
+
+def _check_fields(record: Any, what: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
     if not isinstance(record, dict):
         raise ChaincodeError(INVALID, f"{what} must be a JSON object")
     missing = [f for f in required if f not in record]
@@ -183,6 +233,35 @@ def _site_list(value: Any, field: str) -> list:
     return sorted(value)
 
 
+def _page_size(value: str) -> int:
+    if value in ("", None):
+        return DEFAULT_PAGE_SIZE
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = 0
+    if not 1 <= size <= MAX_PAGE_SIZE:
+        raise ChaincodeError(INVALID, f"page_size must be an integer from 1 to {MAX_PAGE_SIZE}, got {_show(value)}")
+    return size
+
+
+def _encode_bookmark(key: str) -> str:
+    return base64.urlsafe_b64encode(key.encode("utf-8")).decode("ascii")
+
+
+def _decode_bookmark(bookmark: str, prefix: str) -> str:
+    """The key a bookmark points at; it must lie inside the query's own range, so a bookmark can
+    never reach records the query would not return."""
+    try:
+        key = base64.urlsafe_b64decode(bookmark.encode("ascii")).decode("utf-8")
+    except (binascii.Error, ValueError, UnicodeError):
+        key = ""
+    if not key.startswith(prefix):
+        raise ChaincodeError(INVALID, "bookmark does not belong to this query; pass back the bookmark the "
+                             "previous page returned")
+    return key
+
+
 # --------------------------------------------------------------------------- the contract
 
 
@@ -190,6 +269,9 @@ class ClinfedContract(Contract):
     """Site registry, consents, contributions, global models and absences of a consortium."""
 
     Name = CONTRACT_NAME
+    # The executing node's clock, for the skew check (LocalLedger replays a block with the time the
+    # block was committed).
+    _clock = staticmethod(time.time)
 
     def get_evaluate_transactions(self) -> list:
         return [name for name in dir(self) if name.startswith("Get")]
@@ -201,8 +283,7 @@ class ClinfedContract(Contract):
 
         Only the coordinator named in the config may call it.
         """
-        record = _fields(_parse_json(config, "consortium config"), "consortium config",
-                         ("coordinator_msp", "sites"))
+        record = _fields(_parse_json(config, "consortium config"), "consortium config", K_CONSORTIUM)
         coordinator = _text(record["coordinator_msp"], "coordinator_msp", _MSP, "an MSP ID")
         sites = record["sites"]
         if not isinstance(sites, dict) or not sites or len(sites) > MAX_SITES:
@@ -210,6 +291,10 @@ class ClinfedContract(Contract):
         for site, msp in sites.items():
             _text(site, "site name", _SITE, "1-64 characters of [A-Za-z0-9._-]")
             _text(msp, f"MSP ID of site {site}", _MSP, "an MSP ID")
+        if coordinator in sites.values():
+            raise ChaincodeError(INVALID, f"the coordinator's MSP {coordinator} cannot also be a site's")
+        if len(set(sites.values())) != len(sites):
+            raise ChaincodeError(INVALID, "each site needs an MSP ID of its own")
         caller = self._caller(ctx)
         if caller != coordinator:
             raise ChaincodeError(ACCESS_DENIED, f"the consortium must be initialised by its coordinator "
@@ -227,7 +312,10 @@ class ClinfedContract(Contract):
         return await self._write(ctx, key, stored, EVENT_CONSORTIUM)
 
     async def RegisterSiteKey(self, ctx: TransactionContext, site: str, public_key: str) -> str:
-        """A site publishes its X25519 public key (base64 of the 32 raw bytes) for mask agreement."""
+        """A site publishes its X25519 public key (base64 of the 32 raw bytes) for secure
+        aggregation. A new key is a rotation: the record's ``version`` goes up by one and the earlier
+        keys stay in the key's history. Sites pin the keys at the start of a job, so a key applies
+        from the next job on, never in the middle of one."""
         consortium = await self._consortium(ctx)
         self._require_site_caller(ctx, consortium, site, "register the masking key of")
         try:
@@ -241,27 +329,33 @@ class ClinfedContract(Contract):
         existing = await self._get(ctx, key)
         if existing is not None and existing["public_key"] == public_key:
             raise ChaincodeError(DUPLICATE, f"site {site} already registered this key (tx {existing['tx_id']})")
-        stored = {"type": K_SITE_KEY, "site": site, "public_key": public_key}
+        version = existing["version"] + 1 if existing is not None else 1
+        stored = {"type": K_SITE_KEY, "site": site, "public_key": public_key, "version": version}
         return await self._write(ctx, key, stored, EVENT_SITE_KEY)
 
     async def GetConsortium(self, ctx: TransactionContext) -> str:
-        return canonical_json(await self._consortium(ctx))
+        consortium = await self._consortium(ctx)
+        self._known_caller(ctx, consortium)
+        return canonical_json(consortium)
 
     async def GetSiteKeys(self, ctx: TransactionContext) -> str:
-        """All registered site keys as ``{site: record}``."""
+        """All registered site keys as ``{site: record}`` (at most one per site, so bounded by
+        ``MAX_SITES``)."""
+        self._known_caller(ctx, await self._consortium(ctx))
         records = await self._scan(ctx, K_SITE_KEY, [])
         return canonical_json({r["site"]: r for r in records})
 
     # ---------------------------------------------------------------- consent
 
     async def PutConsent(self, ctx: TransactionContext, consent: str) -> str:
-        """``{"pseudonym", "study", "site", "status": active|revoked, "consent_sha256"}``.
+        """``{"pseudonym", "study", "site", "status": active|revoked, "consent_commitment"}``.
 
-        The site named must be the caller's; a pseudonym's consent for a study stays with the
-        site that first recorded it.
+        ``consent_commitment`` is the site's keyed commitment to the FHIR Consent it relied on
+        (HMAC-SHA256 under a key that never leaves the site, see ``clinfed.audit``), never a plain
+        hash of it. The site named must be the caller's; a pseudonym's consent for a study stays
+        with the site that first recorded it.
         """
-        record = _fields(_parse_json(consent, "consent"), "consent",
-                         ("pseudonym", "study", "site", "status", "consent_sha256"))
+        record = _fields(_parse_json(consent, "consent"), "consent", K_CONSENT)
         pseudonym = _text(record["pseudonym"], "pseudonym", _PSEUDONYM,
                           "a clinfed pseudonym ('p-' and 32 lowercase hex digits), never a patient identifier",
                           echo=False)
@@ -270,38 +364,81 @@ class ClinfedContract(Contract):
         status = record["status"]
         if status not in CONSENT_STATUSES:
             raise ChaincodeError(INVALID, f"status must be one of {', '.join(CONSENT_STATUSES)}, got {_show(status)}")
-        digest = _text(record["consent_sha256"], "consent_sha256", _SHA256, "64 lowercase hex digits")
+        commitment = _text(record["consent_commitment"], "consent_commitment", _SHA256,
+                           "64 lowercase hex digits (an HMAC-SHA256)")
         consortium = await self._consortium(ctx)
         self._require_site_caller(ctx, consortium, site, "record consents of")
-        key = ctx.get_stub().create_composite_key(K_CONSENT, [study, pseudonym])
+        stub = ctx.get_stub()
+        key = stub.create_composite_key(K_CONSENT, [study, pseudonym])
         existing = await self._get(ctx, key)
         if existing is not None:
             if existing["site"] != site:
                 raise ChaincodeError(ACCESS_DENIED, f"consent of {pseudonym} for study {study} belongs to site "
                                      f"{existing['site']}; site {site} may not change it")
-            if existing["status"] == status and existing["consent_sha256"] == digest:
+            if existing["status"] == status and existing["consent_commitment"] == commitment:
                 raise ChaincodeError(DUPLICATE, f"consent of {pseudonym} for study {study} is already {status} "
-                                     f"with this hash (tx {existing['tx_id']})")
+                                     f"with this commitment (tx {existing['tx_id']})")
+        else:
+            await stub.put_state(stub.create_composite_key(IX_CONSENT_BY_SITE, [study, site, pseudonym]),
+                                 _INDEX_VALUE)
+            await stub.put_state(stub.create_composite_key(IX_CONSENT_BY_PSEUDONYM, [site, pseudonym, study]),
+                                 _INDEX_VALUE)
+        count_key = stub.create_composite_key(K_CONSENT_COUNT, [study, site])
+        counts = await self._get(ctx, count_key) or {s: 0 for s in CONSENT_STATUSES}
+        if existing is not None:
+            counts[existing["status"]] -= 1
+        counts[status] += 1
+        await stub.put_state(count_key, canonical_json(counts).encode("utf-8"))
         stored = {"type": K_CONSENT, "pseudonym": pseudonym, "study": study, "site": site, "status": status,
-                  "consent_sha256": digest}
+                  "consent_commitment": commitment}
         return await self._write(ctx, key, stored, EVENT_CONSENT)
 
     async def GetConsent(self, ctx: TransactionContext, study: str, pseudonym: str) -> str:
+        """One patient's consent, for the patient's own site only."""
         _text(study, "study", _ID, "a study ID")
         _text(pseudonym, "pseudonym", _PSEUDONYM, "a clinfed pseudonym", echo=False)
-        key = ctx.get_stub().create_composite_key(K_CONSENT, [study, pseudonym])
-        record = await self._get(ctx, key)
-        if record is None:
-            raise ChaincodeError(NOT_FOUND, f"no consent of {pseudonym} for study {study}")
+        caller_site = self._caller_site(ctx, await self._consortium(ctx))
+        record = await self._get(ctx, ctx.get_stub().create_composite_key(K_CONSENT, [study, pseudonym]))
+        if record is None or record["site"] != caller_site:
+            # The same answer whether the consent is another site's or absent: a reader learns nothing
+            # about other sites' pseudonyms.
+            raise ChaincodeError(NOT_FOUND, f"no consent of {pseudonym} for study {study} recorded by your site")
         return canonical_json(record)
 
-    async def GetConsentsByStudy(self, ctx: TransactionContext, study: str) -> str:
+    async def GetConsents(self, ctx: TransactionContext, study: str, site: str, page_size: str,
+                          bookmark: str) -> str:
+        """A page of a study's consents, of one site (``site``) or of all (``site`` empty). The
+        caller's own site's records come in full, other sites' as commitments only."""
         _text(study, "study", _ID, "a study ID")
-        return canonical_json(await self._scan(ctx, K_CONSENT, [study]))
+        consortium = await self._consortium(ctx)
+        caller = self._known_caller(ctx, consortium)
+        if site:
+            _text(site, "site", _SITE, "a site name")
+            page = await self._index_page(ctx, IX_CONSENT_BY_SITE, [study, site], page_size, bookmark,
+                                          lambda attrs: (K_CONSENT, [attrs[0], attrs[2]]))
+        else:
+            page = await self._page(ctx, K_CONSENT, [study], page_size, bookmark)
+        page["records"] = [r if consortium["sites"].get(r["site"]) == caller
+                           else {k: r[k] for k in CONSENT_COMMITMENT_VIEW} for r in page["records"]]
+        return canonical_json(page)
 
-    async def GetConsentsByPseudonym(self, ctx: TransactionContext, pseudonym: str) -> str:
+    async def GetConsentCounts(self, ctx: TransactionContext, study: str) -> str:
+        """``{site: {"active": n, "revoked": n}}`` for a study; anyone in the consortium may read it."""
+        _text(study, "study", _ID, "a study ID")
+        self._known_caller(ctx, await self._consortium(ctx))
+        counts = {}
+        async for kv in await ctx.get_stub().get_state_by_partial_composite_key(K_CONSENT_COUNT, [study]):
+            _, attrs = ctx.get_stub().split_composite_key(kv.key)
+            counts[attrs[1]] = json.loads(kv.value)
+        return canonical_json(counts)
+
+    async def GetConsentsByPseudonym(self, ctx: TransactionContext, pseudonym: str, page_size: str,
+                                     bookmark: str) -> str:
+        """The caller's site's consents of one patient, across studies (an index lookup)."""
         _text(pseudonym, "pseudonym", _PSEUDONYM, "a clinfed pseudonym", echo=False)
-        return canonical_json([r for r in await self._scan(ctx, K_CONSENT, []) if r["pseudonym"] == pseudonym])
+        site = self._caller_site(ctx, await self._consortium(ctx))
+        return canonical_json(await self._index_page(ctx, IX_CONSENT_BY_PSEUDONYM, [site, pseudonym], page_size,
+                                                     bookmark, lambda attrs: (K_CONSENT, [attrs[2], attrs[1]])))
 
     # ---------------------------------------------------------------- training records
 
@@ -313,9 +450,7 @@ class ClinfedContract(Contract):
         without DP); ``hash_stage`` says which bytes were hashed (``after_dp``, the default, or
         ``after_masking``).
         """
-        record = _fields(_parse_json(contribution, "contribution"), "contribution",
-                         ("job_id", "round", "site", "update_sha256", "n_samples"),
-                         ("metrics", "epsilon", "delta", "hash_stage"))
+        record = _fields(_parse_json(contribution, "contribution"), "contribution", K_CONTRIBUTION)
         stored = {
             "type": K_CONTRIBUTION,
             "job_id": _text(record["job_id"], "job_id", _ID, "a job ID of [A-Za-z0-9._:-]"),
@@ -335,6 +470,9 @@ class ClinfedContract(Contract):
         key = self._round_key(ctx, K_CONTRIBUTION, stored["job_id"], stored["round"], stored["site"])
         await self._require_new(ctx, key, f"contribution of site {stored['site']} to job {stored['job_id']} "
                                 f"round {stored['round']}", stored)
+        stub = ctx.get_stub()
+        await stub.put_state(stub.create_composite_key(IX_CONTRIBUTION_BY_SITE, [
+            stored["site"], stored["job_id"], f"{stored['round']:0{ROUND_DIGITS}d}"]), _INDEX_VALUE)
         return await self._write(ctx, key, stored, EVENT_CONTRIBUTION)
 
     async def RecordGlobalModel(self, ctx: TransactionContext, model: str) -> str:
@@ -344,9 +482,7 @@ class ClinfedContract(Contract):
         ``expected_sites`` (default: the participants) are the sites the round was sent to; each
         must end up with a contribution or a recorded absence for the job's chain to be complete.
         """
-        record = _fields(_parse_json(model, "global model"), "global model",
-                         ("job_id", "round", "model_sha256", "participants", "aggregation"),
-                         ("expected_sites", "n_samples", "epsilon", "metrics"))
+        record = _fields(_parse_json(model, "global model"), "global model", K_MODEL)
         participants = _site_list(record["participants"], "participants")
         expected = _site_list(record.get("expected_sites") or participants, "expected_sites")
         if not set(participants) <= set(expected):
@@ -376,7 +512,7 @@ class ClinfedContract(Contract):
     async def RecordAbsence(self, ctx: TransactionContext, absence: str) -> str:
         """``{"job_id", "round", "site", "reason"}``: the coordinator records that an expected site did
         not contribute to a round."""
-        record = _fields(_parse_json(absence, "absence"), "absence", ("job_id", "round", "site"), ("reason",))
+        record = _fields(_parse_json(absence, "absence"), "absence", K_ABSENCE)
         stored = {
             "type": K_ABSENCE,
             "job_id": _text(record["job_id"], "job_id", _ID, "a job ID of [A-Za-z0-9._:-]"),
@@ -394,56 +530,69 @@ class ClinfedContract(Contract):
                                 f"round {stored['round']}", stored)
         return await self._write(ctx, key, stored, EVENT_ABSENCE)
 
-    async def GetContributions(self, ctx: TransactionContext, job_id: str) -> str:
+    async def GetContributions(self, ctx: TransactionContext, job_id: str, page_size: str, bookmark: str) -> str:
+        """A page of a job's contributions, in (round, site) order."""
         _text(job_id, "job_id", _ID, "a job ID")
-        return canonical_json(await self._scan(ctx, K_CONTRIBUTION, [job_id]))
+        self._known_caller(ctx, await self._consortium(ctx))
+        return canonical_json(await self._page(ctx, K_CONTRIBUTION, [job_id], page_size, bookmark))
 
-    async def GetContributionsBySite(self, ctx: TransactionContext, site: str) -> str:
+    async def GetContributionsBySite(self, ctx: TransactionContext, site: str, page_size: str, bookmark: str) -> str:
+        """A page of one site's contributions to every job (an index lookup), in (job, round) order."""
         _text(site, "site", _SITE, "a site name")
-        return canonical_json([r for r in await self._scan(ctx, K_CONTRIBUTION, []) if r["site"] == site])
+        self._known_caller(ctx, await self._consortium(ctx))
+        return canonical_json(await self._index_page(
+            ctx, IX_CONTRIBUTION_BY_SITE, [site], page_size, bookmark,
+            lambda attrs: (K_CONTRIBUTION, [attrs[1], attrs[2], attrs[0]])))
 
-    async def GetGlobalModels(self, ctx: TransactionContext, job_id: str) -> str:
+    async def GetGlobalModels(self, ctx: TransactionContext, job_id: str, page_size: str, bookmark: str) -> str:
+        """A page of a job's global models, in round order."""
         _text(job_id, "job_id", _ID, "a job ID")
-        return canonical_json(await self._scan(ctx, K_MODEL, [job_id]))
+        self._known_caller(ctx, await self._consortium(ctx))
+        return canonical_json(await self._page(ctx, K_MODEL, [job_id], page_size, bookmark))
 
-    async def GetAbsences(self, ctx: TransactionContext, job_id: str) -> str:
+    async def GetAbsences(self, ctx: TransactionContext, job_id: str, page_size: str, bookmark: str) -> str:
+        """A page of a job's recorded absences, in (round, site) order."""
         _text(job_id, "job_id", _ID, "a job ID")
-        return canonical_json(await self._scan(ctx, K_ABSENCE, [job_id]))
-
-    async def GetJob(self, ctx: TransactionContext, job_id: str) -> str:
-        """Everything recorded for a job: ``{"contributions", "global_models", "absences"}``."""
-        _text(job_id, "job_id", _ID, "a job ID")
-        return canonical_json({
-            "contributions": await self._scan(ctx, K_CONTRIBUTION, [job_id]),
-            "global_models": await self._scan(ctx, K_MODEL, [job_id]),
-            "absences": await self._scan(ctx, K_ABSENCE, [job_id]),
-        })
+        self._known_caller(ctx, await self._consortium(ctx))
+        return canonical_json(await self._page(ctx, K_ABSENCE, [job_id], page_size, bookmark))
 
     async def GetHistory(self, ctx: TransactionContext, record_type: str, key: str) -> str:
         """Every committed version of one record, oldest first.
 
         ``key`` is a JSON object of the record's key fields, e.g. ``{"study": S, "pseudonym": P}``
-        for a consent (see ``KEY_PARTS``).
+        for a consent (see ``KEY_PARTS``). A consent's history is its own site's to read.
         """
         if record_type not in KEY_PARTS:
             raise ChaincodeError(INVALID, f"record_type must be one of {', '.join(KEY_PARTS)}, "
                                  f"got {_show(record_type)}")
-        parts = _fields(_parse_json(key, "key"), f"{record_type} key", KEY_PARTS[record_type])
+        consortium = await self._consortium(ctx)
+        caller = self._known_caller(ctx, consortium)
+        parts = _check_fields(_parse_json(key, "key"), f"{record_type} key", KEY_PARTS[record_type])
         attrs = []
         for name in KEY_PARTS[record_type]:
             value = parts[name]
-            attrs.append(f"{_int(value, name, 0, MAX_ROUND):0{ROUND_DIGITS}d}" if name == "round"
-                         else _text(value, name, _ID, "an ID"))
-        composite = ctx.get_stub().create_composite_key(record_type, attrs)
+            if name == "round":
+                attrs.append(f"{_int(value, name, 0, MAX_ROUND):0{ROUND_DIGITS}d}")
+            elif name == "pseudonym":
+                attrs.append(_text(value, name, _PSEUDONYM, "a clinfed pseudonym", echo=False))
+            else:
+                attrs.append(_text(value, name, _ID, "an ID"))
+        stub = ctx.get_stub()
+        composite = stub.create_composite_key(record_type, attrs)
+        if record_type == K_CONSENT:
+            current = await self._get(ctx, composite)
+            if current is None or consortium["sites"].get(current["site"]) != caller:
+                raise ChaincodeError(NOT_FOUND, f"no consent of {parts['pseudonym']} for study {parts['study']} "
+                                     f"recorded by your site")
         entries = []
-        async for mod in await ctx.get_stub().get_history_for_key(composite):
+        async for mod in await stub.get_history_for_key(composite):
             entries.append({
                 "tx_id": mod.tx_id,
                 "timestamp": _rfc3339(mod.timestamp.seconds, mod.timestamp.nanos),
                 "is_delete": bool(mod.is_delete),
                 "value": json.loads(mod.value) if mod.value else None,
             })
-        entries.reverse()  # Fabric 2.x returns history newest first
+        entries.reverse()  # Fabric returns history newest first
         return canonical_json(entries)
 
     # ---------------------------------------------------------------- helpers (not transactions)
@@ -468,6 +617,14 @@ class ClinfedContract(Contract):
             raise ChaincodeError(UNKNOWN_MSP, f"MSP {caller} is neither a site nor the coordinator of this "
                                  f"consortium")
         return caller
+
+    def _caller_site(self, ctx: TransactionContext, consortium: dict) -> str:
+        caller = self._known_caller(ctx, consortium)
+        for site, msp in consortium["sites"].items():
+            if msp == caller:
+                return site
+        raise ChaincodeError(ACCESS_DENIED, f"only a site reads its patients' consents in full; {caller} is the "
+                             f"coordinator (it reads commitments and counts: GetConsents, GetConsentCounts)")
 
     def _require_site_caller(self, ctx: TransactionContext, consortium: dict, site: str, action: str) -> None:
         caller = self._known_caller(ctx, consortium)
@@ -495,7 +652,7 @@ class ClinfedContract(Contract):
         existing = await self._get(ctx, key)
         if existing is None:
             return
-        same = {k: v for k, v in existing.items() if k not in _META} == record
+        same = {k: v for k, v in existing.items() if k not in META_FIELDS} == record
         raise ChaincodeError(DUPLICATE if same else CONFLICT,
                              f"{what} is already recorded (tx {existing['tx_id']}, {existing['timestamp']})"
                              + ("" if same else " with different content") + "; records are never overwritten")
@@ -507,17 +664,65 @@ class ClinfedContract(Contract):
 
     @staticmethod
     async def _scan(ctx: TransactionContext, kind: str, attrs: list) -> list:
+        """All records under a prefix: only for sets bounded by design (site keys, consent counts)."""
         records = []
         async for kv in await ctx.get_stub().get_state_by_partial_composite_key(kind, attrs):
             if kv.value:
                 records.append(json.loads(kv.value))
         return records
 
+    async def _keys_page(self, ctx: TransactionContext, kind: str, attrs: list, page_size: str,
+                         bookmark: str) -> tuple[list, str]:
+        """At most ``page_size`` (key, value) pairs under a prefix from ``bookmark`` on, and the
+        bookmark of what follows ("" at the end), from one paginated range query."""
+        size = _page_size(page_size)
+        stub = ctx.get_stub()
+        prefix = stub.create_composite_key(kind, attrs)
+        start = _decode_bookmark(bookmark, prefix) if bookmark else prefix
+        iterator = await stub.get_state_by_range_with_pagination(start, prefix + _MAX_RUNE, size + 1)
+        pairs, following = [], ""
+        async for kv in iterator:
+            if len(pairs) == size:
+                following = _encode_bookmark(kv.key)
+                break
+            pairs.append((kv.key, kv.value))
+        await iterator.aclose()
+        return pairs, following
+
+    async def _page(self, ctx: TransactionContext, kind: str, attrs: list, page_size: str, bookmark: str) -> dict:
+        pairs, following = await self._keys_page(ctx, kind, attrs, page_size, bookmark)
+        return {"records": [json.loads(value) for _, value in pairs if value], "bookmark": following}
+
+    async def _index_page(self, ctx: TransactionContext, index: str, attrs: list, page_size: str, bookmark: str,
+                          primary) -> dict:
+        """A page through a secondary index: ``primary(index attributes)`` gives the record's
+        (object type, attributes)."""
+        stub = ctx.get_stub()
+        pairs, following = await self._keys_page(ctx, index, attrs, page_size, bookmark)
+        records = []
+        for key, _ in pairs:
+            kind, record_attrs = primary(stub.split_composite_key(key)[1])
+            record = await self._get(ctx, stub.create_composite_key(kind, record_attrs))
+            if record is not None:
+                records.append(record)
+        return {"records": records, "bookmark": following}
+
+    def _check_time(self, ctx: TransactionContext):
+        stamp = ctx.get_stub().get_tx_timestamp()
+        if stamp is None or not stamp.seconds:
+            raise ChaincodeError(INVALID, "the transaction has no header timestamp")
+        header = stamp.seconds + stamp.nanos / 1e9
+        now = self._clock()
+        if abs(header - now) > MAX_CLOCK_SKEW:
+            raise ChaincodeError(CLOCK_SKEW, f"the transaction is dated {_rfc3339(stamp.seconds, stamp.nanos)}, "
+                                 f"{abs(header - now):.0f} s from this node's clock "
+                                 f"({_rfc3339(int(now), int((now % 1) * 1e9))}); at most {MAX_CLOCK_SKEW:.0f} s "
+                                 f"is allowed: check the submitter's clock (NTP)")
+        return stamp
+
     async def _write(self, ctx: TransactionContext, key: str, record: dict, event: str) -> str:
         stub = ctx.get_stub()
-        stamp = stub.get_tx_timestamp()
-        if stamp is None:
-            raise ChaincodeError(INVALID, "the transaction has no header timestamp")
+        stamp = self._check_time(ctx)
         record = dict(record, tx_id=stub.get_txid(), timestamp=_rfc3339(stamp.seconds, stamp.nanos),
                       recorded_by=self._caller(ctx))
         payload = canonical_json(record)

@@ -1,30 +1,56 @@
 """The audit trail as a site operator reads it, and what is published on it outside a job: the
-consortium, the sites' masking keys, their patients' consents."""
+consortium, the sites' masking keys, their patients' consents.
+
+Consents are published as keyed commitments, never as plain hashes of a patient's resource: a
+FHIR Consent is determined by few facts (MRN, study, dates), so its plain SHA-256 could be found
+by trying them. For each consent the site derives an *opening*, HMAC-SHA256 under its commitment
+key (HKDF-SHA256 of its pseudonymisation secret, which never leaves the site) of the study, the
+pseudonym and the Consent's SHA-256, and publishes ``HMAC-SHA256(opening, consent SHA-256)``.
+Nobody without the site's secret can recompute a commitment from a FHIR file; the site proves
+which Consent it relied on by showing that Consent and the one record's opening
+(:func:`consent_opening`, :func:`commitment_opens`), which discloses nothing about other records.
+"""
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
+import hmac
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from clinfed.errors import ConfigError
-from clinfed.ledger import (Consent, ContractLedger, DuplicateRecord, JobVerification, LedgerEvent, sha256_file,
-                            verify_records)
-from clinfed.ledger.settings import COORDINATOR_MSP, msp_id_for
+from clinfed.ledger import (Consent, ContractLedger, DuplicateRecord, LedgerEvent, sha256_file, verify_job)
+from clinfed.ledger.settings import COORDINATOR, COORDINATOR_MSP, msp_id_for
+
+COMMITMENT_KEY_INFO = b"clinfed consent commitment v1"
 
 
 # --------------------------------------------------------------------------- consortium and consent
 
 
 def init_consortium(ledger_path: str | os.PathLike, sites: Iterable[str]) -> None:
-    """Initialise a LocalLedger file for ``sites`` (MSP IDs by convention) as the coordinator;
-    nothing happens if it already holds this consortium."""
+    """Make a simulator's LocalLedger for ``sites``: a throwaway CA and one identity per participant
+    beside the file (:func:`clinfed.ledger.pki.create_simulation_identities`), the genesis block,
+    and the consortium initialised as the coordinator. Nothing happens if the file already holds
+    this consortium. (A provisioned consortium's ledger is made by ``consortium provision`` from
+    the startup kits instead.)"""
     from clinfed.ledger import LocalLedger
+    from clinfed.ledger.pki import create_simulation_identities, simulation_identity_files, simulation_membership
 
     sites = {site: msp_id_for(site) for site in sites}
+    participants = {COORDINATOR: COORDINATOR_MSP, **sites}
+    create_simulation_identities(ledger_path, participants)
+    if not Path(ledger_path).exists():
+        files = simulation_identity_files(ledger_path, COORDINATOR)
+        LocalLedger.create(ledger_path, files.load(COORDINATOR_MSP), simulation_membership(ledger_path),
+                           head_file=files.head_file).close()
     with LocalLedger(ledger_path, COORDINATOR_MSP) as ledger:
         try:
             ledger.init_consortium(sites, COORDINATOR_MSP)
@@ -32,12 +58,37 @@ def init_consortium(ledger_path: str | os.PathLike, sites: Iterable[str]) -> Non
             pass
 
 
+def commitment_key(site_secret: bytes) -> bytes:
+    """The site's consent-commitment key, derived from its pseudonymisation secret."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=COMMITMENT_KEY_INFO).derive(site_secret)
+
+
+def consent_opening(key: bytes, study: str, pseudonym: str, consent_sha256: str) -> bytes:
+    """The per-record key that opens one consent's commitment (what the site shows to prove it)."""
+    message = "\0".join((study, pseudonym, consent_sha256)).encode("utf-8")
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def consent_commitment(key: bytes, study: str, pseudonym: str, consent_sha256: str) -> str:
+    """The commitment published for a consent (64 hex digits)."""
+    opening = consent_opening(key, study, pseudonym, consent_sha256)
+    return hmac.new(opening, consent_sha256.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def commitment_opens(commitment: str, opening: bytes, consent_resource: dict) -> bool:
+    """Whether ``opening`` shows that ``commitment`` was made to this FHIR Consent resource."""
+    from fhir_adapter import consent_sha256
+
+    expected = hmac.new(opening, consent_sha256(consent_resource).encode("ascii"), hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, commitment)
+
+
 def register_masking_key(ledger: ContractLedger, site: str, key_file: str | os.PathLike) -> tuple[str, bool]:
     """Make ``key_file`` the site's masking key (created, mode 0600, when missing) and publish its
     public half on the ledger unless that exact key is registered already. Returns the public key
     (hex) and whether it was newly registered. A different registered key is replaced: the
     ledger keeps the old one in the key's history."""
-    from clinfed.privacy.masking import generate_private_key_file, load_private_key, public_key_bytes
+    from clinfed.privacy.secagg import generate_private_key_file, load_private_key, public_key_bytes
 
     key_file = Path(key_file)
     public = public_key_bytes(load_private_key(key_file)) if key_file.exists() else generate_private_key_file(key_file)
@@ -69,7 +120,8 @@ class ConsentSync:
 def sync_consents(site_dir: str | os.PathLike, ledger: ContractLedger, site: str, study: str | None = None,
                   secret_file: str | os.PathLike | None = None) -> ConsentSync:
     """Publish the site's FHIR Consents for ``study`` to the ledger: for each patient, the
-    pseudonym, the deciding status (active / revoked) and the sha256 of that Consent resource.
+    pseudonym, the deciding status (active / revoked) and the keyed commitment to that Consent
+    resource (see the module docstring).
 
     Only what changed is written; a patient without a Consent for the study is not published
     (the executor treats "not on the ledger" as "not consented").
@@ -84,22 +136,25 @@ def sync_consents(site_dir: str | os.PathLike, ledger: ContractLedger, site: str
     study = definition.id
     if not (site_dir / "fhir").exists():
         raise ConfigError(f"{site_dir}: no fhir/ folder with the site's FHIR export")
-    harmonised = harmonise_site(site_dir / "fhir", definition.fhir, Pseudonymiser.for_site(site_dir, secret_file))
-    on_ledger = {c.pseudonym: c for c in ledger.consents(study, site=site)}
+    pseudonymiser = Pseudonymiser.for_site(site_dir, secret_file)
+    # The secret stays in this process; only commitments derived from it reach the ledger.
+    key = commitment_key(pseudonymiser._key)
+    harmonised = harmonise_site(site_dir / "fhir", definition.fhir, pseudonymiser)
+    on_ledger = {c.pseudonym: c for c in ledger.consents(study, site=site) if isinstance(c, Consent)}
     report = ConsentSync(site=site, study=study)
     for pseudonym, decision in sorted(harmonised.consents.items()):
         if decision.status not in ("active", "revoked") or not decision.consent_sha256:
             report.no_consent += 1
             continue
         setattr(report, decision.status, getattr(report, decision.status) + 1)
+        commitment = consent_commitment(key, study, pseudonym, decision.consent_sha256)
         recorded = on_ledger.get(pseudonym)
-        if recorded is not None and (recorded.status, recorded.consent_sha256) == (decision.status,
-                                                                                   decision.consent_sha256):
+        if recorded is not None and (recorded.status, recorded.consent_commitment) == (decision.status, commitment):
             report.unchanged += 1
             continue
         try:
             ledger.put_consent(Consent(pseudonym=pseudonym, study=study, site=site, status=decision.status,
-                                       consent_sha256=decision.consent_sha256))
+                                       consent_commitment=commitment))
             report.published += 1
         except DuplicateRecord:
             report.unchanged += 1
@@ -112,16 +167,15 @@ def sync_consents(site_dir: str | os.PathLike, ledger: ContractLedger, site: str
 
 
 def contributions(ledger: ContractLedger, job_id: str) -> list[dict]:
-    return [_clean(dataclasses.asdict(c)) for c in sorted(ledger.contributions(job_id), key=lambda c: (c.round, c.site))]
+    return [_clean(dataclasses.asdict(c)) for c in ledger.iter_contributions(job_id)]
 
 
 def models(ledger: ContractLedger, job_id: str) -> list[dict]:
-    job = ledger.job(job_id)
     absent: dict[int, list] = {}
-    for a in job.absences:
+    for a in ledger.iter_absences(job_id):
         absent.setdefault(a.round, []).append({"site": a.site, "reason": a.reason})
     rows = []
-    for m in sorted(job.global_models, key=lambda m: m.round):
+    for m in ledger.iter_global_models(job_id):
         row = _clean(dataclasses.asdict(m))
         row["absent"] = sorted(absent.pop(m.round, []), key=lambda a: a["site"])
         rows.append(row)
@@ -131,11 +185,17 @@ def models(ledger: ContractLedger, job_id: str) -> list[dict]:
 
 
 def consents(ledger: ContractLedger, study: str, site: str | None = None, pseudonym: str | None = None) -> list[dict]:
+    """A study's consents as the caller may read them: its own site's in full, other sites' as
+    commitments only; with ``pseudonym``, the full history of one of the caller's own patients."""
     if pseudonym:
         return [dict(_clean(e.value or {}), tx_id=e.tx_id, timestamp=e.timestamp)
                 for e in ledger.history("consent", study=study, pseudonym=pseudonym)]
-    return [_clean(dataclasses.asdict(c)) for c in sorted(ledger.consents(study, site=site),
-                                                          key=lambda c: (c.site, c.pseudonym))]
+    return [_clean(dataclasses.asdict(c)) for c in ledger.iter_consents(study, site=site)]
+
+
+def consent_counts(ledger: ContractLedger, study: str) -> dict[str, dict[str, int]]:
+    """Active and revoked consents per site, which every participant may read."""
+    return ledger.consent_counts(study)
 
 
 @dataclass
@@ -163,24 +223,17 @@ def verify(ledger: ContractLedger, job_id: str, model_file: str | os.PathLike | 
     The model's hash is the sha256 of the file's bytes exactly as the server's persistor saved
     them (see :mod:`clinfed.widgets.ledger_recorder`). Without ``model_round`` the file is
     checked against the round it matches (the final round if it matches none, so a changed file
-    is reported against the final model).
+    is reported against the final model). The job's records are streamed, a page at a time.
     """
-    job = ledger.job(job_id)
     digest = None
-    matched: list[int] = []
     if model_file is not None:
         path = Path(model_file)
         if not path.is_file():
             raise ConfigError(f"{path}: model file not found")
         digest = sha256_file(path)
-        matched = sorted(m.round for m in job.global_models if m.model_sha256 == digest)
-        if model_round is None and matched:
-            model_round = matched[-1]
-    result = verify_records(job, job_id, digest, model_round)
-    if matched and result.final_round is not None and matched[-1] != result.final_round:
-        result.notes.append(f"the model file is the global model of round {matched[-1]}, not of the final round "
-                            f"{result.final_round}")
-    return ModelVerification(result, str(model_file) if model_file is not None else None, digest, matched)
+    result = verify_job(ledger, job_id, digest, model_round)
+    return ModelVerification(result, str(model_file) if model_file is not None else None, digest,
+                             list(result.matched_rounds))
 
 
 def watch(ledger: ContractLedger, start_block: int = 0, follow: bool = True, timeout: float | None = None,
@@ -252,9 +305,17 @@ def models_table(rows: list[dict]) -> str:
 def consents_table(rows: list[dict]) -> str:
     if not rows:
         return "no consents recorded"
-    return table(["pseudonym", "study", "site", "status", "consent sha256", "recorded"],
-                 [[r.get("pseudonym", "-"), r.get("study", "-"), r.get("site", "-"), r.get("status", "-"),
-                   _short(r.get("consent_sha256")), _time(r.get("timestamp"))] for r in rows])
+    return table(["pseudonym", "study", "site", "status", "commitment", "recorded"],
+                 [[r.get("pseudonym", "(another site's)"), r.get("study", "-"), r.get("site", "-"),
+                   r.get("status", "-"), _short(r.get("consent_commitment")), _time(r.get("timestamp"))]
+                  for r in rows])
+
+
+def consent_counts_table(counts: dict[str, dict[str, int]]) -> str:
+    if not counts:
+        return "no consents recorded"
+    return table(["site", "active", "revoked"], [[site, c.get("active", 0), c.get("revoked", 0)]
+                                                 for site, c in sorted(counts.items())])
 
 
 def verification_text(result: ModelVerification) -> str:

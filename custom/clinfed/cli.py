@@ -6,6 +6,7 @@ Tables for people, ``--json`` for scripts; progress bars go to stderr so stdout 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -107,28 +108,53 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _ledger_settings(args, participant: str):
-    """The ledger ``--ledger`` / ``--site-config`` / ``$CLINFED_LEDGER`` names, as ``participant``."""
-    from clinfed.ledger.settings import LEDGER_ENV, ledger_settings, site_config_ledger
+def _ledger_settings(args, participant: str | None):
+    """The ledger ``--ledger`` / ``--site-config`` / ``$CLINFED_LEDGER`` names, acting as
+    ``participant`` (``--as``, or the site a command writes for; None: the configuration's own).
+
+    A participant acts only with its own identity: with ``--site-config`` it must be the one the
+    configuration holds; with a ledger file alone it must have its credential beside the file (a
+    simulator's ledger), else the ledger refuses to open as it.
+    """
+    from clinfed.ledger.settings import COORDINATOR, LEDGER_ENV, ledger_settings, msp_id_for, site_config_ledger
     from clinfed.site_config import SITE_CONFIG_FILE
 
-    if args.ledger:
-        return ledger_settings(participant, ledger=args.ledger)
     if args.site_config:
         if not args.site_config.is_file():
             raise ClinfedError(f"{args.site_config}: site config not found")
-        settings = site_config_ledger(participant, args.site_config)
+        settings = site_config_ledger(participant or "", args.site_config)
         if settings is None:
             raise ClinfedError(f"{args.site_config}: has no 'ledger' section")
+        owner = settings.identity_of
+        if owner is None:  # an older configuration: its MSP ID says whose identity it holds
+            owner = participant if participant and msp_id_for(participant) == settings.msp_id else None
+        if participant and participant != owner:
+            raise ClinfedError(f"--as/--site {participant}: {args.site_config} holds the ledger identity of "
+                               f"{owner or settings.msp_id}, not of {participant}; a participant acts on the ledger "
+                               f"only as itself, with its own key")
+        if owner is None:
+            raise ClinfedError(f"{args.site_config}: its ledger section names no 'participant'; pass --as")
+        settings = dataclasses.replace(settings, participant=owner)
+        if args.ledger:
+            if settings.backend != "local":
+                raise ClinfedError(f"--ledger {args.ledger}: a ledger file is for the local backend; "
+                                   f"{args.site_config} configures a {settings.backend} ledger")
+            settings = dataclasses.replace(settings, config={**settings.config, "path": str(args.ledger.resolve())})
         return settings
+    participant = participant or COORDINATOR
+    if args.ledger:
+        if args.ledger.suffix.lower() != ".json" and not args.ledger.is_file():
+            raise ClinfedError(f"--ledger {args.ledger}: no ledger file there; a ledger is created only by "
+                               f"`clinfed consortium provision` (or the demo): check the path")
+        return ledger_settings(participant, ledger=args.ledger)
     settings = ledger_settings(participant)
     if settings is None:
-        raise ClinfedError(f"no ledger given: use --ledger FILE (a LocalLedger .sqlite or a ledger .json), "
-                           f"--site-config local/{SITE_CONFIG_FILE}, or set ${LEDGER_ENV}")
+        raise ClinfedError(f"no ledger given: use --site-config local/{SITE_CONFIG_FILE} (your ledger identity), "
+                           f"--ledger FILE (a simulator's LocalLedger .sqlite or a ledger .json), or set ${LEDGER_ENV}")
     return settings
 
 
-def _open_ledger(args, participant: str):
+def _open_ledger(args, participant: str | None):
     settings = _ledger_settings(args, participant)
     if not args.json:
         print(f"# {settings.describe()}", file=sys.stderr)
@@ -155,14 +181,21 @@ def cmd_consent_sync(args) -> int:
 
 def cmd_keys_register(args) -> int:
     from clinfed import audit
+    from clinfed.site_config import site_files
 
+    key_file = args.key_file
+    if key_file is None:
+        if not args.site_config:
+            raise ClinfedError("give --key-file, or --site-config to use the site's masking_key_file")
+        key_file = site_files(args.site, args.site_config.parent).masking_key_file
     with _open_ledger(args, args.site) as ledger:
-        public, new = audit.register_masking_key(ledger, args.site, args.key_file)
+        public, new = audit.register_masking_key(ledger, args.site, key_file)
     if args.json:
-        print(json.dumps({"site": args.site, "key_file": str(args.key_file), "public_key": public, "registered": new}))
+        print(json.dumps({"site": args.site, "key_file": str(key_file), "public_key": public, "registered": new}))
     else:
-        print(f"{args.site}: masking key {args.key_file} (public {public[:16]}...) "
-              + ("registered on the ledger" if new else "already registered on the ledger"))
+        print(f"{args.site}: masking key {key_file} (public {public[:16]}...) "
+              + ("registered on the ledger; it applies from the next job this site starts" if new
+                 else "already registered on the ledger"))
     return 0
 
 
@@ -188,6 +221,10 @@ def cmd_audit_consents(args) -> int:
     from clinfed import audit
 
     with _open_ledger(args, args.participant) as ledger:
+        if args.counts:
+            counts = audit.consent_counts(ledger, args.study)
+            print(json.dumps(counts, indent=2) if args.json else audit.consent_counts_table(counts))
+            return 0
         rows = audit.consents(ledger, args.study, site=args.site, pseudonym=args.pseudonym)
     print(json.dumps(rows, indent=2) if args.json else audit.consents_table(rows))
     return 0
@@ -271,9 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ledger_options = argparse.ArgumentParser(add_help=False)
     ledger_options.add_argument("--ledger", type=Path,
-                                help="a LocalLedger .sqlite file or a ledger .json config (default $CLINFED_LEDGER)")
+                                help="a LocalLedger .sqlite file (must exist) or a ledger .json config (default "
+                                     "$CLINFED_LEDGER); with --site-config, that file with the configuration's identity")
     ledger_options.add_argument("--site-config", type=Path, metavar="FILE",
-                                help="a participant's local/clinfed_site.json whose 'ledger' section to use")
+                                help="your local/clinfed_site.json: its 'ledger' section is your ledger and identity")
     ledger_options.add_argument("--json", action="store_true", help="machine-readable output")
 
     consent = sub.add_parser("consent", help="patient consents on the ledger").add_subparsers(
@@ -289,17 +327,19 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="the site's secure-masking key").add_subparsers(
         dest="keys_command", required=True)
     register = keys.add_parser("register", parents=[ledger_options],
-                               help="create the site's X25519 masking key if missing and publish its public half "
-                                    "on the ledger (peers derive pairwise masks from the registered keys)")
+                               help="create the site's X25519 masking key at the site if missing and publish its "
+                                    "public half on the ledger as the site (a new key applies from the next job)")
     register.add_argument("--site", required=True, help="the site's name in the consortium")
-    register.add_argument("--key-file", type=Path, required=True,
-                          help="the private key file (created mode 0600 if missing; the site's masking_key_file)")
+    register.add_argument("--key-file", type=Path,
+                          help="the private key file, created mode 0600 if missing (default: the site's "
+                               "masking_key_file from --site-config)")
     register.set_defaults(func=cmd_keys_register)
 
     audit = sub.add_parser("audit", help="read the audit ledger").add_subparsers(dest="audit_command", required=True)
     audit_options = argparse.ArgumentParser(add_help=False, parents=[ledger_options])
-    audit_options.add_argument("--as", dest="participant", default="coordinator", metavar="PARTICIPANT",
-                               help="whose identity reads the ledger: your site's name, or coordinator (default)")
+    audit_options.add_argument("--as", dest="participant", metavar="PARTICIPANT",
+                               help="whose identity reads the ledger: your site's name, or coordinator; must be the "
+                                    "identity of --site-config (default: that one; with --ledger alone: coordinator)")
     contributions = audit.add_parser("contributions", parents=[audit_options],
                                      help="each site's recorded update per round of a job")
     contributions.add_argument("--job", required=True)
@@ -311,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     consents = audit.add_parser("consents", parents=[audit_options], help="consents recorded for a study")
     consents.add_argument("--study", default=STUDY_ID)
     consents.add_argument("--site", help="only this site's patients")
-    consents.add_argument("--pseudonym", help="the full history of this patient's consent")
+    consents.add_argument("--pseudonym", help="the full history of one of your site's patients' consent")
+    consents.add_argument("--counts", action="store_true", help="active and revoked consents per site")
     consents.set_defaults(func=cmd_audit_consents)
     verify = audit.add_parser("verify", parents=[audit_options],
                               help="check a job's chain is complete and a model file is a recorded global model")

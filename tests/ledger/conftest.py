@@ -2,7 +2,9 @@
 
 To run the suite on another backend, add one entry to BACKENDS: a function that takes pytest's
 ``tmp_path`` and returns a :class:`Consortium` whose ``open(msp_id, clock=None)`` gives a
-ledger client acting as that MSP (the Fabric one will start its network in a session fixture).
+ledger client acting as that MSP with its own key, and whose ``open_with(identity)`` gives a
+client signing with an arbitrary identity (the opponent's tools). The Fabric one starts its
+network in a session fixture.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Callable
 
 import pytest
 
-from ledger_helpers import COORDINATOR, REPO, SITES
+from ledger_helpers import COORDINATOR, OUTSIDER, REPO, SITES, new_local_ledger
 
 try:  # installed with the bundle once pyproject lists it; the source tree otherwise
     import clinfed_chaincode  # noqa: F401
@@ -22,13 +24,17 @@ except ImportError:
     sys.path.insert(0, str(REPO / "chaincode"))
 
 from clinfed.ledger import LocalLedger  # noqa: E402
+from clinfed.ledger.pki import simulation_identity_files  # noqa: E402
 
 
 @dataclass
 class Consortium:
-    """Three sites and a coordinator on one initialised ledger."""
+    """Three sites and a coordinator on one initialised ledger (plus an outsider org that is a
+    member of the channel but not of the consortium)."""
 
-    open: Callable  # (msp_id, clock=None) -> Ledger
+    open: Callable  # (msp_id, clock=None) -> Ledger signing with that MSP's own key
+    open_with: Callable  # (SigningIdentity) -> Ledger signing with that identity
+    identity: Callable  # (msp_id) -> that MSP's SigningIdentity (certificate and key)
     backend: str
 
     @property
@@ -40,7 +46,8 @@ class Consortium:
 
 
 def local_consortium(tmp_path: Path) -> Consortium:
-    path = tmp_path / "ledger.sqlite"
+    path = new_local_ledger(tmp_path / "ledger.sqlite")
+    names = {msp: name for name, msp in {"coordinator": COORDINATOR, **SITES, "outsider": OUTSIDER}.items()}
     opened: dict = {}
 
     def open_as(msp_id: str, clock=None):
@@ -50,17 +57,19 @@ def local_consortium(tmp_path: Path) -> Consortium:
             opened[msp_id] = LocalLedger(path, msp_id)
         return opened[msp_id]
 
-    open_as(COORDINATOR).init_consortium(SITES, COORDINATOR)
-    return Consortium(open=open_as, backend="local")
+    def identity(msp_id: str):
+        return simulation_identity_files(path, names[msp_id]).load(msp_id)
+
+    return Consortium(open=open_as, open_with=lambda ident: LocalLedger(path, identity=ident), identity=identity,
+                      backend="local")
 
 
 def fabric_consortium(tmp_path: Path) -> Consortium:
     """A fresh chaincode namespace on the session's real Fabric network (fabric_network.testing)."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from fabric_network.testing import fabric_opener
+    from fabric_network.testing import fabric_consortium_parts
 
-    return Consortium(open=fabric_opener(), backend="fabric")
+    open_as, open_with, identity = fabric_consortium_parts()
+    return Consortium(open=open_as, open_with=open_with, identity=identity, backend="fabric")
 
 
 BACKENDS = {

@@ -6,6 +6,9 @@ import hashlib
 import os
 from pathlib import Path
 
+from clinfed.ledger import LocalLedger
+from clinfed.ledger.pki import create_simulation_identities, simulation_identity_files, simulation_membership
+
 REPO = Path(__file__).resolve().parents[2]
 
 COORDINATOR = "CoordinatorMSP"
@@ -28,3 +31,15 @@ def pseudonym(n: int | str) -> str:
 
 def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def new_local_ledger(path: Path, init: bool = True) -> Path:
+    """A LocalLedger file with simulator identities for the coordinator, the sites and an outsider."""
+    participants = {"coordinator": COORDINATOR, **SITES, "outsider": OUTSIDER}
+    create_simulation_identities(path, participants)
+    files = simulation_identity_files(path, "coordinator")
+    LocalLedger.create(path, files.load(COORDINATOR), simulation_membership(path), head_file=files.head_file).close()
+    if init:
+        with LocalLedger(path, COORDINATOR) as ledger:
+            ledger.init_consortium(SITES, COORDINATOR)
+    return path

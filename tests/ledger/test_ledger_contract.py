@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import base64
-import calendar
 import json
+import time
 
 import pytest
 
-from clinfed.ledger import (Absence, AccessDenied, Consent, Contribution, DuplicateRecord, GlobalModel, InvalidRecord,
-                            LedgerConflict, NotInitialised, UnknownMsp, verify_job)
+from clinfed.ledger import (Absence, AccessDenied, Consent, ConsentCommitment, Contribution, DuplicateRecord,
+                            GlobalModel, InvalidRecord, LedgerConflict, NotInitialised, RecordNotFound, UnknownMsp,
+                            verify_job)
 from ledger_helpers import COORDINATOR, OUTSIDER, SITES, digest, pseudonym
 
 JOB = "job-7f3a"
@@ -31,7 +32,7 @@ def model(round_=0, participants=("site-1", "site-2"), job=JOB, **kw) -> GlobalM
 
 def consent(site="site-1", patient=1, status="active", study="STUDY-GLIOMA-1") -> Consent:
     return Consent(pseudonym=pseudonym(patient), study=study, site=site, status=status,
-                   consent_sha256=digest(f"Consent/{patient}/{status}"))
+                   consent_commitment=digest(f"Consent/{patient}/{status}"))
 
 
 # ------------------------------------------------------------------------------ registry
@@ -53,8 +54,9 @@ def test_consortium_cannot_be_initialised_twice_or_changed(consortium):
 
 def test_only_the_named_coordinator_can_initialise(tmp_path):
     from clinfed.ledger import LocalLedger
+    from ledger_helpers import new_local_ledger
 
-    ledger = LocalLedger(tmp_path / "fresh.sqlite", "Site1MSP")
+    ledger = LocalLedger(new_local_ledger(tmp_path / "fresh.sqlite", init=False), "Site1MSP")
     with pytest.raises(NotInitialised, match="InitConsortium"):
         ledger.record_contribution(contribution())
     with pytest.raises(AccessDenied, match="must be initialised by its coordinator CoordinatorMSP; caller is Site1MSP"):
@@ -212,16 +214,34 @@ def test_site_records_consents_of_its_own_patients_with_history(consortium):
     active = site.put_consent(consent())
     revoked = site.put_consent(consent(status="revoked"))
     assert site.consent("STUDY-GLIOMA-1", pseudonym(1)) == revoked
-    history = consortium.coordinator.history("consent", study="STUDY-GLIOMA-1", pseudonym=pseudonym(1))
+    history = site.history("consent", study="STUDY-GLIOMA-1", pseudonym=pseudonym(1))
     assert [h.value["status"] for h in history] == ["active", "revoked"]
     assert [h.tx_id for h in history] == [active.tx_id, revoked.tx_id]
     assert history[0].timestamp == active.timestamp
+    assert consortium.coordinator.consent_counts("STUDY-GLIOMA-1") == {"site-1": {"active": 0, "revoked": 1}}
+
+
+def test_other_participants_read_commitments_and_counts_not_a_sites_consents(consortium):
+    consortium.site("site-1").put_consent(consent("site-1", 1))
+    consortium.site("site-1").put_consent(consent("site-1", 2, status="revoked"))
+    for reader in (consortium.coordinator, consortium.site("site-2")):
+        seen = reader.consents("STUDY-GLIOMA-1")
+        assert all(isinstance(c, ConsentCommitment) for c in seen) and len(seen) == 2
+        assert {c.consent_commitment for c in seen} == {digest("Consent/1/active"), digest("Consent/2/revoked")}
+        assert reader.consent_counts("STUDY-GLIOMA-1") == {"site-1": {"active": 1, "revoked": 1}}
+        with pytest.raises(RecordNotFound, match="recorded by your site"):
+            reader.history("consent", study="STUDY-GLIOMA-1", pseudonym=pseudonym(1))
+    with pytest.raises(AccessDenied, match="only a site reads its patients' consents in full"):
+        consortium.coordinator.consent("STUDY-GLIOMA-1", pseudonym(1))
+    assert consortium.site("site-2").consent("STUDY-GLIOMA-1", pseudonym(1)) is None
+    assert consortium.site("site-2").consents_of(pseudonym(1)) == []
+    assert {c.pseudonym for c in consortium.site("site-1").consents("STUDY-GLIOMA-1")} == {pseudonym(1), pseudonym(2)}
 
 
 def test_repeating_a_consent_unchanged_is_a_duplicate(consortium):
     site = consortium.site("site-1")
     site.put_consent(consent())
-    with pytest.raises(DuplicateRecord, match="is already active with this hash"):
+    with pytest.raises(DuplicateRecord, match="is already active with this commitment"):
         site.put_consent(consent())
 
 
@@ -240,7 +260,7 @@ def test_site_cannot_write_other_sites_consent(consortium):
                                         "P-" + "A" * 32, "p-" + "g" * 32, "pid-" + "0" * 20, ""])
 def test_only_pseudonyms_identify_patients(consortium, patient_id):
     record = Consent(pseudonym=patient_id, study="STUDY-GLIOMA-1", site="site-1", status="active",
-                     consent_sha256=digest("c"))
+                     consent_commitment=digest("c"))
     with pytest.raises(InvalidRecord, match="pseudonym must be a clinfed pseudonym .*never a patient identifier") \
             as err:
         consortium.site("site-1").put_consent(record)
@@ -263,11 +283,11 @@ def test_consent_queries_by_study_site_and_pseudonym(consortium):
     s1.put_consent(consent("site-1", 1))
     s1.put_consent(consent("site-1", 1, study="STUDY-OTHER"))
     s2.put_consent(consent("site-2", 2, status="revoked"))
-    reader = consortium.coordinator
-    assert {c.pseudonym for c in reader.consents("STUDY-GLIOMA-1")} == {pseudonym(1), pseudonym(2)}
-    assert [c.pseudonym for c in reader.consents("STUDY-GLIOMA-1", site="site-2")] == [pseudonym(2)]
-    assert {c.study for c in reader.consents_of(pseudonym(1))} == {"STUDY-GLIOMA-1", "STUDY-OTHER"}
-    assert reader.consent("STUDY-GLIOMA-1", pseudonym(99)) is None
+    assert {c.pseudonym for c in s1.consents("STUDY-GLIOMA-1", site="site-1")} == {pseudonym(1)}
+    assert [c.pseudonym for c in s2.consents("STUDY-GLIOMA-1", site="site-2")] == [pseudonym(2)]
+    assert sorted(c.site for c in s1.consents("STUDY-GLIOMA-1")) == ["site-1", "site-2"]
+    assert {c.study for c in s1.consents_of(pseudonym(1))} == {"STUDY-GLIOMA-1", "STUDY-OTHER"}
+    assert s1.consent("STUDY-GLIOMA-1", pseudonym(99)) is None
 
 
 # ------------------------------------------------------------------------------ queries, events, time
@@ -311,11 +331,11 @@ def test_every_write_emits_one_event_carrying_the_record(consortium):
     assert events[2].payload["update_sha256"] == written[2].update_sha256
 
 
-def test_timestamps_come_from_the_transaction_header_not_the_local_clock(consortium):
-    moment = calendar.timegm((2001, 2, 3, 4, 5, 6)) + 0.25  # what the client puts in the proposal header
+def test_timestamps_come_from_the_transaction_header_within_the_allowed_skew(consortium):
+    moment = float(int(time.time()) - 120) + 0.25  # what the client puts in the proposal header
     site = consortium.open("Site1MSP", clock=lambda: moment)
     written = site.record_contribution(contribution())
-    assert written.timestamp == "2001-02-03T04:05:06.250000000Z"
+    assert written.timestamp == time.strftime("%Y-%m-%dT%H:%M:%S.250000000Z", time.gmtime(moment))
     [entry] = site.history("contribution", job_id=JOB, round=0, site="site-1")
     assert entry.timestamp == written.timestamp
 

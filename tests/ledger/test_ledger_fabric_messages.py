@@ -49,9 +49,11 @@ def write_msp(folder, key=None, cert_key=None):
 
 @pytest.fixture
 def fabric(tmp_path) -> FabricLedger:
-    return FabricLedger.from_msp("peer0.site1.example.com:7051", write_msp(tmp_path / "msp"), "Site1MSP",
+    msp = write_msp(tmp_path / "msp")
+    return FabricLedger.from_msp("peer0.site1.example.com:7051", msp, "Site1MSP",
                                  channel="clinfed-ch", chaincode="clinfed-cc", clock=lambda: WHEN,
-                                 endorsing_orgs=["Site1MSP", "Site2MSP"])
+                                 endorsing_orgs=["Site1MSP", "Site2MSP"],
+                                 tls_root_cert=msp / "signcerts" / "cert.pem")
 
 
 def verify(fabric: FabricLedger, signature: bytes, message: bytes) -> None:
@@ -251,10 +253,49 @@ def test_other_gateway_failures_name_the_peer_and_say_whether_to_retry(fabric):
 
 
 def test_unreachable_peer_is_reported_as_unavailable(tmp_path):
-    ledger = FabricLedger.from_msp("127.0.0.1:1", write_msp(tmp_path / "msp"), "Site1MSP",
-                                   timeouts={"evaluate": 3.0})
+    msp = write_msp(tmp_path / "msp")
+    ledger = FabricLedger.from_msp("127.0.0.1:1", msp, "Site1MSP", timeouts={"evaluate": 3.0},
+                                   tls_root_cert=msp / "signcerts" / "cert.pem")
     try:
-        with pytest.raises(LedgerUnavailable, match="Evaluate of GetJob via 127.0.0.1:1 failed"):
+        with pytest.raises(LedgerUnavailable, match="Evaluate of GetContributions via 127.0.0.1:1 failed"):
             ledger.job("j")
     finally:
         ledger.close()
+
+
+def test_a_client_without_tls_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="no TLS root certificate given; the ledger is reached over TLS only "
+                                          r"\(plaintext is refused\)"):
+        FabricLedger.from_msp("127.0.0.1:7051", write_msp(tmp_path / "msp"), "Site1MSP")
+
+
+class _Gateway:
+    """A peer gateway whose Submit fails as BFT orderers can make it fail (fabric#4415) although the
+    transaction was ordered: the client must ask CommitStatus before reporting a failure."""
+
+    def __init__(self, committed: bool):
+        self.committed, self.calls = committed, []
+
+    def Submit(self, request, timeout):
+        self.calls.append("Submit")
+        raise _RpcError(grpc.StatusCode.UNAVAILABLE, "insufficient number of orderers could successfully process "
+                        "transaction to satisfy quorum requirement", [])
+
+    def CommitStatus(self, request, timeout):
+        self.calls.append("CommitStatus")
+        if not self.committed:
+            raise _RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "no commit", [])
+        return gateway_pb2.CommitStatusResponse(result=transaction_pb2.VALID, block_number=7)
+
+
+@pytest.mark.parametrize("committed", [True, False])
+def test_a_failed_submit_is_checked_against_commit_status(fabric, committed):
+    gateway = _Gateway(committed)
+    fabric._gateway = lambda: gateway
+    envelope = common_pb2.Envelope(payload=b"endorsed")
+    if committed:
+        assert fabric.submit_prepared("tx-1", envelope, "RecordContribution") == 7
+    else:
+        with pytest.raises(LedgerUnavailable, match="Submit of RecordContribution .* insufficient number of orderers"):
+            fabric.submit_prepared("tx-1", envelope, "RecordContribution")
+    assert gateway.calls == ["Submit", "CommitStatus"]

@@ -12,7 +12,7 @@ import pytest
 
 from clinfed.ledger import (AccessDenied, Contribution, DuplicateRecord, LedgerUnavailable, LocalLedger, Outbox,
                             OutboxLedger)
-from ledger_helpers import COORDINATOR, SITES, digest, subprocess_env
+from ledger_helpers import COORDINATOR, SITES, digest, new_local_ledger, subprocess_env
 from ledger_worker import FlakyLedger
 
 WORKER = Path(__file__).with_name("ledger_worker.py")
@@ -21,9 +21,7 @@ JOB = "job-outbox"
 
 @pytest.fixture
 def ledger_path(tmp_path) -> Path:
-    path = tmp_path / "ledger.sqlite"
-    LocalLedger(path, COORDINATOR).init_consortium(SITES, COORDINATOR)
-    return path
+    return new_local_ledger(tmp_path / "ledger.sqlite")
 
 
 def run_worker(*args: str) -> str:

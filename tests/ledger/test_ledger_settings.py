@@ -39,6 +39,12 @@ def test_site_config_ledger_wins_over_the_environment_and_paths_are_its_own(tmp_
 
 
 def test_json_ledger_config_gives_each_participant_its_identity_and_outbox(tmp_path):
+    from clinfed.ledger import LocalLedger
+    from clinfed.ledger.pki import create_simulation_identities, simulation_identity_files, simulation_membership
+
+    create_simulation_identities(tmp_path / "l.sqlite", {"coordinator": "LeadMSP", "site-1": "Site1MSP"})
+    lead = simulation_identity_files(tmp_path / "l.sqlite", "coordinator").load("LeadMSP")
+    LocalLedger.create(tmp_path / "l.sqlite", lead, simulation_membership(tmp_path / "l.sqlite")).close()
     config = tmp_path / "ledger.json"
     config.write_text(json.dumps({"backend": "local", "path": "l.sqlite", "outbox_dir": "outbox", "policy": "strict",
                                   "msp_ids": {"coordinator": "LeadMSP"},

@@ -10,8 +10,10 @@ Output folder layout::
     DIR/server-storage/       the server's job store and snapshots (not /tmp/nvflare)
     DIR/ledger/ledger.sqlite  the consortium's LocalLedger (backend local)
     DIR/fabric/fabric_orgs.json, DIR/fabric/flare_to_fabric.json
-    DIR/site_keys.json        the sites' masking public keys (also in every site's local/)
     DIR/provisioning.json     what was made where, read by `consortium up|down|status`
+
+Provisioning holds no site secret: each site creates its own masking key and registers its public
+half on the ledger itself (``clinfed keys register``), and makes its own pseudonymisation key.
 """
 
 from __future__ import annotations
@@ -157,13 +159,6 @@ def provision(consortium_file: str | Path, out: str | Path, *, data_root: str | 
         ledger_file = out / "ledger" / LEDGER_FILE
         ledger_file.parent.mkdir(parents=True, exist_ok=True)
 
-    # Masking keys: one X25519 key per site (0600, in the site's local/), public keys in a directory.
-    from clinfed.privacy.masking import generate_private_key_file, write_key_directory
-
-    public_keys = {s.name: generate_private_key_file(kits[s.name] / "local" / local_files.MASKING_KEY_FILE)
-                   for s in consortium.sites}
-    write_key_directory(out / local_files.KEY_DIRECTORY_FILE, public_keys)
-
     auth = local_files.authorization(consortium)
     server_kit = kits[consortium.coordinator.name]
     for name in [consortium.coordinator.name, *consortium.site_names]:
@@ -179,7 +174,6 @@ def provision(consortium_file: str | Path, out: str | Path, *, data_root: str | 
     for site in consortium.sites:
         local = kits[site.name] / "local"
         local_files.write_json(local / "privacy.json", local_files.privacy(site, consortium.study))
-        shutil.copyfile(out / local_files.KEY_DIRECTORY_FILE, local / local_files.KEY_DIRECTORY_FILE)
         data_dir = site.data_dir or (str(Path(data_root).resolve() / site.name) if data_root else None)
         local_files.write_json(local / SITE_CONFIG_FILE, local_files.site_config(consortium, site.name, ledger_file,
                                                                                   data_dir))
@@ -188,7 +182,7 @@ def provision(consortium_file: str | Path, out: str | Path, *, data_root: str | 
     local_files.write_json(out / "fabric" / "flare_to_fabric.json", local_files.flare_to_fabric(consortium))
 
     if ledger_file is not None:
-        init_local_ledger(ledger_file, consortium, public_keys)
+        init_local_ledger(ledger_file, consortium, kits)
 
     state = {"consortium": consortium.name, "study": consortium.study, "source": str(Path(consortium_file).resolve()),
              "server": consortium.coordinator.name, "host": consortium.coordinator.host,
@@ -215,22 +209,44 @@ def server_env(consortium: Consortium) -> dict[str, str]:
     return env
 
 
-def init_local_ledger(ledger_file: Path, consortium: Consortium, public_keys: dict[str, bytes]) -> None:
-    """Initialise the consortium on the LocalLedger (as the coordinator) and register each site's
-    masking public key (as that site, since a site writes only its own records)."""
-    from clinfed.ledger import DuplicateRecord, LocalLedger
+def kit_identity_files(kit: Path, participant: str):
+    """A participant's ledger identity in its startup kit (see :func:`local_files.kit_identity`)."""
+    from clinfed.ledger.pki import IdentityFiles
+    from clinfed.ledger.settings import DEFAULT_HEAD_FILE
 
-    with LocalLedger(ledger_file, COORDINATOR_MSP) as ledger:
-        try:
-            ledger.init_consortium({s.name: s.msp_id for s in consortium.sites}, COORDINATOR_MSP)
-        except DuplicateRecord:
-            pass
-    for site in consortium.sites:
-        with LocalLedger(ledger_file, site.msp_id) as ledger:
-            try:
-                ledger.register_site_key(site.name, public_keys[site.name])
-            except DuplicateRecord:
-                pass
+    local = Path(kit) / "local"
+    return IdentityFiles(*(local / path for path in local_files.kit_identity(participant).values()),
+                         head_file=local / DEFAULT_HEAD_FILE)
+
+
+def kit_ledger(ledger_file: Path, kit: Path, participant: str, msp_id: str):
+    """The LocalLedger as ``participant``, signing with its startup kit's own key."""
+    from clinfed.ledger import LocalLedger
+
+    files = kit_identity_files(kit, participant)
+    return LocalLedger(ledger_file, identity=files.load(msp_id), trusted_ca=files.ca_pem(), head_file=files.head_file)
+
+
+def init_local_ledger(ledger_file: Path, consortium: Consortium, kits: dict[str, Path]) -> None:
+    """Create the consortium's LocalLedger: its genesis block trusts FLARE's root CA and binds each
+    MSP ID to its participant's kit certificate (the server's for the coordinator); the server's
+    key signs it and initialises the consortium. Sites register their own masking keys
+    (``clinfed keys register``, signed with the site's kit key)."""
+    from cryptography import x509
+
+    from clinfed.ledger import LocalLedger
+    from clinfed.ledger.pki import Membership, common_name
+
+    server_kit = kits[consortium.coordinator.name]
+    members = {COORDINATOR_MSP: (COORDINATOR, server_kit)}
+    members.update({s.msp_id: (s.name, kits[s.name]) for s in consortium.sites})
+    names = {msp: (common_name(x509.load_pem_x509_certificate(kit_identity_files(kit, p).cert.read_bytes())),)
+             for msp, (p, kit) in members.items()}
+    server = kit_identity_files(server_kit, COORDINATOR)
+    membership = Membership((server.ca_pem(),), names)
+    LocalLedger.create(ledger_file, server.load(COORDINATOR_MSP), membership).close()
+    with kit_ledger(ledger_file, server_kit, COORDINATOR, COORDINATOR_MSP) as ledger:
+        ledger.init_consortium({s.name: s.msp_id for s in consortium.sites}, COORDINATOR_MSP)
 
 
 def load_state(out: str | Path) -> dict:

@@ -9,18 +9,26 @@ transaction on either, and :class:`~clinfed.ledger.outbox.OutboxLedger` wraps ei
 from __future__ import annotations
 
 import base64
-from abc import ABC, abstractmethod
 import json
+from abc import ABC, abstractmethod
 from typing import Iterator, Mapping, Protocol, runtime_checkable
 
-from .records import (Absence, Consent, Consortium, Contribution, GlobalModel, HistoryEntry, JobRecords,
-                      LedgerEvent, SiteKey)
+from clinfed_chaincode import ChaincodeError, canonical_json
+from clinfed_chaincode.contract import MAX_PAGE_SIZE
+
+from .records import (Absence, Consent, ConsentCommitment, Consortium, Contribution, GlobalModel, HistoryEntry,
+                      JobRecords, LedgerEvent, SiteKey)
 
 CONTRACT = "clinfed"
 
 
 def _json(value) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    from .errors import InvalidRecord
+
+    try:
+        return canonical_json(value)
+    except ChaincodeError as exc:
+        raise InvalidRecord(str(exc)) from None
 
 
 @runtime_checkable
@@ -47,7 +55,8 @@ class Ledger(Protocol):
     def consortium(self) -> Consortium: ...
     def site_keys(self) -> dict[str, SiteKey]: ...
     def consent(self, study: str, pseudonym: str) -> Consent | None: ...
-    def consents(self, study: str, site: str | None = None) -> list[Consent]: ...
+    def consents(self, study: str, site: str | None = None) -> list[Consent | ConsentCommitment]: ...
+    def consent_counts(self, study: str) -> dict[str, dict[str, int]]: ...
     def consents_of(self, pseudonym: str) -> list[Consent]: ...
     def contributions(self, job_id: str) -> list[Contribution]: ...
     def contributions_by_site(self, site: str) -> list[Contribution]: ...
@@ -129,6 +138,7 @@ class ContractLedger(ABC):
         return {site: SiteKey.from_record(r) for site, r in json.loads(self.evaluate("GetSiteKeys")).items()}
 
     def consent(self, study: str, pseudonym: str) -> Consent | None:
+        """One of the caller's own patients' consent (None when the caller's site recorded none)."""
         from .errors import RecordNotFound
 
         try:
@@ -136,30 +146,58 @@ class ContractLedger(ABC):
         except RecordNotFound:
             return None
 
-    def consents(self, study: str, site: str | None = None) -> list[Consent]:
-        records = [Consent.from_record(r) for r in json.loads(self.evaluate("GetConsentsByStudy", study))]
-        return [c for c in records if site is None or c.site == site]
+    def pages(self, function: str, *args: str, page_size: int = MAX_PAGE_SIZE) -> Iterator[dict]:
+        """The records of a paginated query, one page at a time from the ledger (never all at once)."""
+        bookmark = ""
+        while True:
+            page = json.loads(self.evaluate(function, *args, str(page_size), bookmark))
+            yield from page["records"]
+            bookmark = page["bookmark"]
+            if not bookmark:
+                return
+
+    def iter_consents(self, study: str, site: str | None = None) -> Iterator[Consent | ConsentCommitment]:
+        """A study's consents: the caller's own site's in full, other sites' as commitments."""
+        for r in self.pages("GetConsents", study, site or ""):
+            yield Consent.from_record(r) if "pseudonym" in r else ConsentCommitment.from_record(r)
+
+    def consents(self, study: str, site: str | None = None) -> list[Consent | ConsentCommitment]:
+        return list(self.iter_consents(study, site))
+
+    def consent_counts(self, study: str) -> dict[str, dict[str, int]]:
+        """``{site: {"active": n, "revoked": n}}``; anyone in the consortium may read it."""
+        return json.loads(self.evaluate("GetConsentCounts", study))
 
     def consents_of(self, pseudonym: str) -> list[Consent]:
-        return [Consent.from_record(r) for r in json.loads(self.evaluate("GetConsentsByPseudonym", pseudonym))]
+        return [Consent.from_record(r) for r in self.pages("GetConsentsByPseudonym", pseudonym)]
+
+    def iter_contributions(self, job_id: str) -> Iterator[Contribution]:
+        """A job's contributions in (round, site) order, streamed page by page."""
+        return (Contribution.from_record(r) for r in self.pages("GetContributions", job_id))
 
     def contributions(self, job_id: str) -> list[Contribution]:
-        return [Contribution.from_record(r) for r in json.loads(self.evaluate("GetContributions", job_id))]
+        return list(self.iter_contributions(job_id))
 
     def contributions_by_site(self, site: str) -> list[Contribution]:
-        return [Contribution.from_record(r) for r in json.loads(self.evaluate("GetContributionsBySite", site))]
+        return [Contribution.from_record(r) for r in self.pages("GetContributionsBySite", site)]
+
+    def iter_global_models(self, job_id: str) -> Iterator[GlobalModel]:
+        return (GlobalModel.from_record(r) for r in self.pages("GetGlobalModels", job_id))
 
     def global_models(self, job_id: str) -> list[GlobalModel]:
-        return [GlobalModel.from_record(r) for r in json.loads(self.evaluate("GetGlobalModels", job_id))]
+        return list(self.iter_global_models(job_id))
+
+    def iter_absences(self, job_id: str) -> Iterator[Absence]:
+        return (Absence.from_record(r) for r in self.pages("GetAbsences", job_id))
 
     def absences(self, job_id: str) -> list[Absence]:
-        return [Absence.from_record(r) for r in json.loads(self.evaluate("GetAbsences", job_id))]
+        return list(self.iter_absences(job_id))
 
     def job(self, job_id: str) -> JobRecords:
-        raw = json.loads(self.evaluate("GetJob", job_id))
-        return JobRecords(contributions=[Contribution.from_record(r) for r in raw["contributions"]],
-                          global_models=[GlobalModel.from_record(r) for r in raw["global_models"]],
-                          absences=[Absence.from_record(r) for r in raw["absences"]])
+        """Everything recorded for a job, in memory (for small jobs and tests; ``audit verify``
+        streams instead, see :func:`clinfed.ledger.verify.verify_job`)."""
+        return JobRecords(contributions=self.contributions(job_id), global_models=self.global_models(job_id),
+                          absences=self.absences(job_id))
 
     def history(self, record_type: str, **key) -> list[HistoryEntry]:
         """Every committed version of one record, oldest first.

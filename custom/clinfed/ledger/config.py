@@ -20,7 +20,12 @@ def open_ledger(config: Mapping[str, Any], *, base_dir: str | os.PathLike = ".")
     Fields:
         backend: ``local`` (default) or ``fabric``.
         msp_id: the caller's MSP ID (required).
-        path: ``local`` only: the SQLite file (required).
+        path: ``local`` only: the SQLite file (required; it must exist).
+        cert, key, ca: ``local`` only: the participant's certificate and private key and the
+            consortium CA it trusts (PEM files; in a provisioned consortium the startup kit's
+            ``client.crt``/``client.key`` or ``server.crt``/``server.key`` and ``rootCA.pem``).
+            Without them, the simulator identity beside ``path`` (see :mod:`clinfed.ledger.pki`).
+        head_file: ``local`` only: where the participant keeps the last ledger head it saw.
         endpoint, msp_dir: ``fabric`` only: the peer gateway ``host:port`` and the MSP folder of the
             signing user (required); tls_root_cert, tls_client_cert, tls_client_key (PEM files),
             server_name, endorsing_orgs optional.
@@ -29,9 +34,9 @@ def open_ledger(config: Mapping[str, Any], *, base_dir: str | os.PathLike = ".")
         policy: ``async`` (default) or ``strict``, with ``outbox``.
         retry_interval, strict_timeout: seconds, with ``outbox``.
     """
-    known = {"backend", "msp_id", "path", "endpoint", "msp_dir", "tls_root_cert", "tls_client_cert", "tls_client_key",
-             "server_name", "endorsing_orgs", "channel", "chaincode", "outbox", "policy", "retry_interval",
-             "strict_timeout"}
+    known = {"backend", "msp_id", "path", "cert", "key", "ca", "head_file", "endpoint", "msp_dir", "tls_root_cert",
+             "tls_client_cert", "tls_client_key", "server_name", "endorsing_orgs", "channel", "chaincode", "outbox",
+             "policy", "retry_interval", "strict_timeout"}
     unknown = sorted(set(config) - known)
     if unknown:
         raise ConfigError(f"ledger config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -44,11 +49,26 @@ def open_ledger(config: Mapping[str, Any], *, base_dir: str | os.PathLike = ".")
 
     if backend == "local":
         from .local import LocalLedger
+        from .pki import IdentityFiles
 
-        ledger: ContractLedger = LocalLedger(base / _required(config, "path"), msp_id, **names)
+        path = base / _required(config, "path")
+        given = [k for k in ("cert", "key", "ca") if config.get(k)]
+        if given and len(given) < 3:
+            raise ConfigError(f"ledger config: a local ledger identity needs 'cert', 'key' and 'ca' together; "
+                              f"only {', '.join(given)} given")
+        if given:
+            files = IdentityFiles(base / config["cert"], base / config["key"], base / config["ca"])
+            ledger: ContractLedger = LocalLedger(
+                path, identity=files.load(msp_id), trusted_ca=files.ca_pem(),
+                head_file=base / config["head_file"] if config.get("head_file") else None, **names)
+        else:
+            ledger = LocalLedger(path, msp_id, **names)
     else:
         from .fabric import FabricLedger
 
+        if not config.get("tls_root_cert"):
+            raise ConfigError("ledger config: field 'tls_root_cert' is required for backend 'fabric': the "
+                              "ledger is reached over TLS only (plaintext is refused)")
         tls = {k: base / config[k] for k in ("tls_root_cert", "tls_client_cert", "tls_client_key") if config.get(k)}
         ledger = FabricLedger.from_msp(_required(config, "endpoint"), base / _required(config, "msp_dir"), msp_id,
                                        server_name=config.get("server_name"),

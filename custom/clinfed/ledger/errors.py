@@ -11,6 +11,19 @@ class LedgerError(ClinfedError):
     """Base class of ledger errors."""
 
 
+class LedgerNotFound(LedgerError):
+    """The ledger file does not exist (only provisioning and the demo create ledgers)."""
+
+
+class LedgerTampered(LedgerError):
+    """The local ledger's chain does not verify from ``block`` on; nothing from there is trusted."""
+
+    def __init__(self, path, block: int, reason: str):
+        self.block = block
+        super().__init__(f"{path}: block {block} fails verification: {reason}; the ledger has been altered or "
+                         f"damaged, and nothing from block {block} on is trusted")
+
+
 class LedgerUnavailable(LedgerError):
     """The ledger could not be reached or gave no answer; the write may be retried (see the outbox)."""
 
@@ -56,8 +69,29 @@ class LedgerConflict(LedgerRejected):
     code = "CONFLICT"
 
 
+class ClockSkew(LedgerRejected):
+    """The transaction's header time is too far from the executing node's clock."""
+
+    code = "CLOCK_SKEW"
+
+
+class IdentityRejected(LedgerRejected):
+    """The request's signer is not who it claims, or not of this consortium."""
+
+    code = "IDENTITY"
+
+    def __init__(self, message: str):
+        super().__init__(message if message.startswith("CLINFED_") else f"CLINFED_IDENTITY: {message}")
+
+
+class ReplayedRequest(LedgerRejected):
+    """A signed request that was already committed was sent again."""
+
+    code = "REPLAY"
+
+
 _BY_CODE = {cls.code: cls for cls in (InvalidRecord, AccessDenied, UnknownMsp, DuplicateRecord, RecordNotFound,
-                                      NotInitialised, LedgerConflict)}
+                                      NotInitialised, LedgerConflict, ClockSkew, IdentityRejected, ReplayedRequest)}
 _CODE = re.compile(r"CLINFED_([A-Z_]+): ")
 
 

@@ -10,11 +10,18 @@ without a network.
 Errors: a chaincode refusal (``CLINFED_<CODE>: ...`` in the gateway's ``ErrorDetail``) becomes
 the matching :class:`~clinfed.ledger.errors.LedgerRejected`; an unreachable or timed-out
 gateway, or an MVCC conflict at commit, becomes :class:`~clinfed.ledger.errors.LedgerUnavailable`
-(safe to retry: a retried write that did commit is then refused as a duplicate).
+(safe to retry: a retried write that did commit is then refused as a duplicate). A failed
+``Submit`` is not taken at its word: the orderers may have ordered the transaction anyway (on
+BFT, some answer "request already processed" and the gateway reports a quorum failure,
+hyperledger/fabric#4415), so the client asks ``CommitStatus`` before it reports a failure.
+
+TLS is required: a client without the peer's TLS root certificate is refused, never connected in
+plaintext.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -23,8 +30,10 @@ import grpc
 from fabric_protos.common import common_pb2
 from fabric_protos.gateway import gateway_pb2, gateway_pb2_grpc
 from fabric_protos.orderer import ab_pb2
-from fabric_protos.peer import proposal_pb2, transaction_pb2
+from fabric_protos.peer import chaincode_pb2, proposal_pb2, transaction_pb2
 from google.protobuf import any_pb2
+
+from clinfed.errors import ConfigError
 
 from .base import CONTRACT, ContractLedger
 from .errors import LedgerError, LedgerUnavailable, rejection_from_message
@@ -55,8 +64,8 @@ class FabricLedger(ContractLedger):
         identity: who signs (see :func:`~clinfed.ledger.identity.load_msp_identity`).
         channel: channel name.
         chaincode: chaincode name as deployed.
-        tls_root_cert: PEM of the peer's TLS CA (bytes or a path); ``None`` for a plaintext
-            connection (tests only).
+        tls_root_cert: PEM of the peer's TLS CA (bytes or a path); required (plaintext is refused)
+            unless ``channel_factory`` supplies the transport.
         tls_client_cert / tls_client_key: PEM (bytes or paths) when the peer requires mutual TLS.
         server_name: TLS server name to expect when it differs from the endpoint's host.
         endorsing_orgs: MSP IDs to endorse every write; default: the gateway chooses by policy.
@@ -83,8 +92,12 @@ class FabricLedger(ContractLedger):
         self._tls = (tls_root_cert, tls_client_cert, tls_client_key)
         self._server_name = server_name
         self._channel_factory = channel_factory
+        if tls_root_cert is None and channel_factory is None:
+            raise ConfigError(f"Fabric gateway {endpoint}: no TLS root certificate given; the ledger is reached "
+                              f"over TLS only (plaintext is refused): set tls_root_cert to the peer's TLS CA")
         self._grpc_channel: grpc.Channel | None = None
         self._stub: gateway_pb2_grpc.GatewayStub | None = None
+        self._stub_lock = threading.Lock()
 
     @classmethod
     def from_msp(cls, endpoint: str, msp_dir: str | Path, msp_id: str, **kwargs) -> "FabricLedger":
@@ -137,25 +150,24 @@ class FabricLedger(ContractLedger):
     # ------------------------------------------------------------------ transport
 
     def _gateway(self) -> gateway_pb2_grpc.GatewayStub:
-        if self._stub is None:
-            if self._channel_factory is not None:
-                self._grpc_channel = self._channel_factory()
-            else:
-                root, cert, key = (_read_pem(v) for v in self._tls)
-                if root is None:
-                    self._grpc_channel = grpc.insecure_channel(self.endpoint)
+        with self._stub_lock:  # one channel per client, however many threads ask at once
+            if self._stub is None:
+                if self._channel_factory is not None:
+                    self._grpc_channel = self._channel_factory()
                 else:
+                    root, cert, key = (_read_pem(v) for v in self._tls)
                     credentials = grpc.ssl_channel_credentials(root_certificates=root, private_key=key,
                                                                certificate_chain=cert)
                     options = [("grpc.ssl_target_name_override", self._server_name)] if self._server_name else []
                     self._grpc_channel = grpc.secure_channel(self.endpoint, credentials, options=options)
-            self._stub = gateway_pb2_grpc.GatewayStub(self._grpc_channel)
-        return self._stub
+                self._stub = gateway_pb2_grpc.GatewayStub(self._grpc_channel)
+            return self._stub
 
     def close(self) -> None:
-        if self._grpc_channel is not None:
-            self._grpc_channel.close()
-        self._grpc_channel = self._stub = None
+        with self._stub_lock:
+            if self._grpc_channel is not None:
+                self._grpc_channel.close()
+            self._grpc_channel = self._stub = None
 
     # ------------------------------------------------------------------ transactions
 
@@ -166,34 +178,83 @@ class FabricLedger(ContractLedger):
         return response.result.payload.decode("utf-8")
 
     def submit(self, function: str, *args: str) -> str:
-        built = self.new_proposal(function, args)
-        endorsed = self._call("Endorse", self._gateway().Endorse, self.endorse_request(built),
-                              self.timeouts["endorse"], function)
+        return self.submit_signed(self.signed_proposal(self.new_proposal(function, args)))
+
+    def sign_request(self, function: str, *args: str) -> proposal_pb2.SignedProposal:
+        """A signed proposal for ``function`` (what :meth:`submit` sends), e.g. to send it later."""
+        return self.signed_proposal(self.new_proposal(function, args))
+
+    def submit_signed(self, signed: proposal_pb2.SignedProposal) -> str:
+        """Endorse, submit and wait for the commit of a signed proposal; the contract's answer."""
+        tx_id, function = _proposal_ids(signed.proposal_bytes)
+        endorsed = self._call("Endorse", self._gateway().Endorse, gateway_pb2.EndorseRequest(
+            transaction_id=tx_id, channel_id=self.channel, proposed_transaction=signed,
+            endorsing_organizations=self.endorsing_orgs), self.timeouts["endorse"], function)
         prepared = endorsed.prepared_transaction
         result = result_from_envelope(prepared)
-        self._call("Submit", self._gateway().Submit, self.submit_request(built.tx_id, prepared),
-                   self.timeouts["submit"], function)
-        status = self._call("CommitStatus", self._gateway().CommitStatus, self.commit_status_request(built.tx_id),
-                            self.timeouts["commit"], function)
-        if status.result != transaction_pb2.VALID:
-            if status.result in _RETRYABLE_VALIDATION:
-                raise LedgerUnavailable(str(CommitFailed(built.tx_id, status.result)) + "; retry the transaction")
-            raise CommitFailed(built.tx_id, status.result)
+        self.submit_prepared(tx_id, prepared, function)
         return result.decode("utf-8")
 
+    def submit_prepared(self, tx_id: str, prepared: common_pb2.Envelope, function: str = "") -> int:
+        """Sign and submit an endorsed transaction and wait until it is committed VALID; returns its
+        block. A failed ``Submit`` is checked against ``CommitStatus`` first: if the transaction
+        was ordered anyway (BFT "request already processed", fabric#4415), that is a success."""
+        try:
+            self._call("Submit", self._gateway().Submit, self.submit_request(tx_id, prepared),
+                       self.timeouts["submit"], function)
+        except LedgerError as submit_error:
+            status = self._commit_status_after_failed_submit(tx_id, function)
+            if status is None:
+                raise submit_error
+        else:
+            status = self._call("CommitStatus", self._gateway().CommitStatus, self.commit_status_request(tx_id),
+                                self.timeouts["commit"], function)
+        if status.result != transaction_pb2.VALID:
+            if status.result in _RETRYABLE_VALIDATION:
+                raise LedgerUnavailable(str(CommitFailed(tx_id, status.result)) + "; retry the transaction")
+            raise CommitFailed(tx_id, status.result)
+        return status.block_number
+
+    def _commit_status_after_failed_submit(self, tx_id: str, function: str, wait: float = 10.0):
+        """The commit status of a transaction whose Submit reported an error, if it was committed
+        within ``wait`` seconds; None when it was not (the error stands)."""
+        try:
+            return self._call("CommitStatus", self._gateway().CommitStatus, self.commit_status_request(tx_id),
+                              min(wait, self.timeouts["commit"]), function)
+        except LedgerError:
+            return None
+
     def events(self, start_block: int = 0, follow: bool = False, timeout: float | None = None) -> Iterator[LedgerEvent]:
-        """Chaincode events from ``start_block`` on; without ``follow`` the stream is read for
-        ``timeout`` seconds (default 5), with it until ``timeout`` (forever if ``None``)."""
+        """Chaincode events from ``start_block`` on. Without ``follow`` the stream stops at the
+        channel's current height (the last block, with or without events of ours; at most
+        ``timeout`` seconds, default 5); with it, it runs until ``timeout`` (forever if ``None``)."""
+        end = None if follow else self.chain_height() - 1
+        if end is not None and end < start_block:
+            return
         deadline = timeout if (follow or timeout is not None) else 5.0
         stream = self._gateway().ChaincodeEvents(self.chaincode_events_request(start_block), timeout=deadline)
         try:
             for response in stream:
                 for event in response.events:
                     yield LedgerEvent.from_bytes(response.block_number, event.tx_id, event.event_name, event.payload)
+                if end is not None and response.block_number >= end:
+                    stream.cancel()
+                    return
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
                 return
             raise _translate(exc, "ChaincodeEvents", self.endpoint, "events") from exc
+
+    def chain_height(self) -> int:
+        """The channel's height on the gateway's peer (qscc GetChainInfo)."""
+        built = build_proposal(creator=self.identity.creator, channel=self.channel, chaincode="qscc",
+                               function="GetChainInfo", args=[self.channel], clock=self._clock)
+        request = gateway_pb2.EvaluateRequest(transaction_id=built.tx_id, channel_id=self.channel,
+                                              proposed_transaction=self.signed_proposal(built),
+                                              target_organizations=[self.msp_id])
+        reply = self._call("Evaluate", self._gateway().Evaluate, request, self.timeouts["evaluate"], "GetChainInfo")
+        # common.BlockchainInfo (not in the Python protos): field 1 is the height.
+        return next((v for n, v in _wire_fields(reply.result.payload) if n == 1), 0)
 
     def _call(self, name: str, method, request, timeout: float, function: str):
         try:
@@ -266,6 +327,17 @@ def _wire_fields(buffer: bytes):
             position += 4
         else:
             return
+
+
+def _proposal_ids(proposal_bytes: bytes) -> tuple[str, str]:
+    """(tx_id, function) of a serialized proposal."""
+    proposal = proposal_pb2.Proposal.FromString(proposal_bytes)
+    header = common_pb2.Header.FromString(proposal.header)
+    tx_id = common_pb2.ChannelHeader.FromString(header.channel_header).tx_id
+    spec = chaincode_pb2.ChaincodeInvocationSpec.FromString(
+        proposal_pb2.ChaincodeProposalPayload.FromString(proposal.payload).input)
+    args = spec.chaincode_spec.input.args
+    return tx_id, (args[0].decode("utf-8", "replace").split(":", 1)[-1] if args else "")
 
 
 def _read_pem(value) -> bytes | None:

@@ -1,9 +1,10 @@
 """The records the ledger holds, as typed values.
 
-The fields match the contract's JSON (``chaincode/clinfed_chaincode/contract.py``). A record read
-back from the ledger also carries ``tx_id``, ``timestamp`` (RFC 3339 UTC with nanoseconds, taken
-from the transaction header) and ``recorded_by`` (the writer's MSP ID); a record being written
-leaves them ``None``.
+Which fields a write sends (``_required``/``_optional``) comes from the contract's own
+``RECORD_FIELDS`` (``chaincode/clinfed_chaincode/contract.py``); importing this module checks that
+each dataclass declares them. A record read back from the ledger also carries ``tx_id``,
+``timestamp`` (RFC 3339 UTC with nanoseconds, taken from the transaction header) and
+``recorded_by`` (the writer's MSP ID); a record being written leaves them ``None``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-_META = ("tx_id", "timestamp", "recorded_by")
+from clinfed_chaincode.contract import (K_ABSENCE, K_CONSENT, K_CONSORTIUM, K_CONTRIBUTION, K_MODEL, K_SITE_KEY,
+                                        RECORD_FIELDS)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -31,10 +33,14 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 class _Record:
-    """Shared conversions. ``_required``/``_optional`` name the fields the contract accepts."""
+    """Shared conversions. ``_kind`` names the contract's record type, whose fields it accepts."""
 
-    _required: tuple[str, ...] = ()
-    _optional: tuple[str, ...] = ()
+    _kind: str = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls._kind:
+            cls._required, cls._optional = RECORD_FIELDS[cls._kind]
 
     def to_request(self) -> dict:
         """The JSON object the contract's write transaction takes (no ledger metadata, no ``None``)."""
@@ -66,8 +72,7 @@ class Contribution(_Record):
     timestamp: str | None = None
     recorded_by: str | None = None
 
-    _required = ("job_id", "round", "site", "update_sha256", "n_samples")
-    _optional = ("metrics", "epsilon", "delta", "hash_stage")
+    _kind = K_CONTRIBUTION
 
 
 @dataclass(frozen=True)
@@ -87,8 +92,7 @@ class GlobalModel(_Record):
     timestamp: str | None = None
     recorded_by: str | None = None
 
-    _required = ("job_id", "round", "model_sha256", "participants", "aggregation")
-    _optional = ("expected_sites", "n_samples", "epsilon", "metrics")
+    _kind = K_MODEL
 
 
 @dataclass(frozen=True)
@@ -103,24 +107,24 @@ class Absence(_Record):
     timestamp: str | None = None
     recorded_by: str | None = None
 
-    _required = ("job_id", "round", "site")
-    _optional = ("reason",)
+    _kind = K_ABSENCE
 
 
 @dataclass(frozen=True)
 class Consent(_Record):
-    """A patient's research consent for a study, by pseudonym only."""
+    """A patient's research consent for a study, by pseudonym only; ``consent_commitment`` is the
+    site's keyed commitment to the FHIR Consent it relied on (see :mod:`clinfed.audit`)."""
 
     pseudonym: str
     study: str
     site: str
     status: str
-    consent_sha256: str
+    consent_commitment: str
     tx_id: str | None = None
     timestamp: str | None = None
     recorded_by: str | None = None
 
-    _required = ("pseudonym", "study", "site", "status", "consent_sha256")
+    _kind = K_CONSENT
 
     @property
     def active(self) -> bool:
@@ -128,14 +132,36 @@ class Consent(_Record):
 
 
 @dataclass(frozen=True)
-class SiteKey(_Record):
-    """A site's X25519 public key for pairwise mask agreement (``public_key`` is base64 of 32 bytes)."""
+class ConsentCommitment:
+    """What a reader other than the patient's site sees of a consent: its commitment, not who."""
 
+    study: str
     site: str
-    public_key: str
+    consent_commitment: str
     tx_id: str | None = None
     timestamp: str | None = None
     recorded_by: str | None = None
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in names})
+
+
+@dataclass(frozen=True)
+class SiteKey(_Record):
+    """A site's X25519 public key for secure aggregation (``public_key`` is base64 of 32 bytes).
+    ``version`` counts the site's registrations: a rotation is a new version, and the key applies
+    from the next job a site starts (running jobs keep the key they pinned)."""
+
+    site: str
+    public_key: str
+    version: int = 1
+    tx_id: str | None = None
+    timestamp: str | None = None
+    recorded_by: str | None = None
+
+    _kind = K_SITE_KEY
 
     @property
     def raw(self) -> bytes:
@@ -151,6 +177,8 @@ class Consortium(_Record):
     tx_id: str | None = None
     timestamp: str | None = None
     recorded_by: str | None = None
+
+    _kind = K_CONSORTIUM
 
 
 @dataclass(frozen=True)
@@ -182,3 +210,13 @@ class LedgerEvent:
     @classmethod
     def from_bytes(cls, block: int, tx_id: str, name: str, payload: bytes) -> "LedgerEvent":
         return cls(block=block, tx_id=tx_id, name=name, payload=json.loads(payload) if payload else {})
+
+
+def _check_fields_match_the_contract() -> None:
+    for cls in (Contribution, GlobalModel, Absence, Consent, SiteKey, Consortium):
+        missing = set(cls._required + cls._optional) - {f.name for f in dataclasses.fields(cls)}
+        if missing:
+            raise TypeError(f"{cls.__name__} lacks the contract's field(s) {sorted(missing)}")
+
+
+_check_fields_match_the_contract()

@@ -9,16 +9,22 @@ resolves its ledger the same way, first match wins:
    (the same file that tells the executor where the site's data live)::
 
        {"data_dir": "/data/clinfed", "secret_file": "/secure/site_secret.key",
-        "ledger": {"backend": "fabric", "msp_id": "Hospital1MSP", "endpoint": "peer0.h1:7051",
-                   "msp_dir": "users/flare@h1/msp", "tls_root_cert": "tls/ca.pem",
+        "ledger": {"participant": "site-1", "backend": "local", "msp_id": "Site1MSP",
+                   "path": "/var/lib/clinfed/ledger.sqlite", "cert": "../startup/client.crt",
+                   "key": "../startup/client.key", "ca": "../startup/rootCA.pem",
+                   "head_file": "clinfed_ledger_head.json",
                    "outbox": "clinfed_ledger_outbox.jsonl", "policy": "async"}}
 
-   The section is an :func:`clinfed.ledger.open_ledger` mapping; relative paths are resolved
-   against the file's folder. ``msp_id`` defaults to :func:`msp_id_for` of the participant and
-   ``outbox`` to ``clinfed_ledger_outbox.jsonl`` beside the file (``""`` turns the outbox off);
+   or, on Fabric, ``"backend": "fabric", "endpoint": "peer0.h1:7051", "msp_dir": "users/flare@h1/msp",
+   "tls_root_cert": "tls/ca.pem"``. The section is an :func:`clinfed.ledger.open_ledger` mapping
+   plus ``participant``, the name whose identity it holds; relative paths are resolved against
+   the file's folder. ``msp_id`` defaults to :func:`msp_id_for` of the participant, ``outbox`` to
+   ``clinfed_ledger_outbox.jsonl`` beside the file (``""`` turns the outbox off), and a local
+   ledger identity's ``head_file`` to ``clinfed_ledger_head.json`` beside it;
 3. ``$CLINFED_LEDGER``, for the simulator and single-machine runs, where all participants share
-   one ledger: either the path of a LocalLedger SQLite file (MSP IDs by convention, one outbox
-   journal per participant in ``<file>.outbox/``), or the path of a JSON file::
+   one ledger: either the path of a LocalLedger SQLite file (each participant signs with its
+   simulator identity beside it, ``<file>.identities/``, and has one outbox journal in
+   ``<file>.outbox/``), or the path of a JSON file::
 
        {"backend": "local", "path": "ledger.sqlite",
         "msp_ids": {"coordinator": "CoordinatorMSP", "site-1": "Site1MSP"},
@@ -56,6 +62,7 @@ JOB_ID_ENV = "CLINFED_JOB_ID"
 COORDINATOR = "coordinator"
 COORDINATOR_MSP = "CoordinatorMSP"
 DEFAULT_OUTBOX = "clinfed_ledger_outbox.jsonl"
+DEFAULT_HEAD_FILE = "clinfed_ledger_head.json"
 
 
 def msp_id_for(participant: str) -> str:
@@ -71,12 +78,16 @@ def msp_id_for(participant: str) -> str:
 
 @dataclass(frozen=True)
 class LedgerSettings:
-    """A resolved ledger configuration: the :func:`open_ledger` mapping and where it came from."""
+    """A resolved ledger configuration: the :func:`open_ledger` mapping and where it came from.
+
+    ``identity_of`` is the participant whose identity the configuration holds, when it says (a
+    site configuration's ``participant``)."""
 
     participant: str
     config: Mapping[str, Any]
     base_dir: Path
     source: str
+    identity_of: str | None = None
 
     @property
     def msp_id(self) -> str:
@@ -133,19 +144,26 @@ def site_config_ledger(participant: str, config_file: Path) -> LedgerSettings | 
     if not isinstance(section, dict):
         raise ConfigError(f"{config_file}: field 'ledger' must be an object (an open_ledger configuration)")
     config = dict(section)
-    config.setdefault("msp_id", msp_id_for(participant))
+    owner = config.pop("participant", None)
+    if "msp_id" not in config:
+        config["msp_id"] = msp_id_for(owner or participant)
     config.setdefault("outbox", DEFAULT_OUTBOX)
     if not config["outbox"]:
         config.pop("outbox")
-    return LedgerSettings(participant, config, config_file.parent, str(config_file))
+    if config.get("backend", "local") == "local" and config.get("cert"):
+        config.setdefault("head_file", DEFAULT_HEAD_FILE)
+    return LedgerSettings(participant, config, config_file.parent, str(config_file), owner)
 
 
 def _from_ledger_path(participant: str, path: Path, source: str) -> LedgerSettings:
     path = path.expanduser().resolve()
     if path.suffix.lower() != ".json":
-        # A LocalLedger file shared by every participant on this machine.
+        # A LocalLedger file shared by every participant on this machine (their simulator identities beside it).
+        from .pki import simulation_participants
+
         outbox = path.with_name(path.name + ".outbox") / f"{participant}.jsonl"
-        config = {"backend": "local", "path": str(path), "msp_id": msp_id_for(participant), "outbox": str(outbox)}
+        msp_id = (simulation_participants(path) or {}).get(participant) or msp_id_for(participant)
+        config = {"backend": "local", "path": str(path), "msp_id": msp_id, "outbox": str(outbox)}
         return LedgerSettings(participant, config, path.parent, f"{source}={path}")
     shared = read_json_object(path, f"{path} ({source})")
     msp_ids = shared.pop("msp_ids", {}) or {}
