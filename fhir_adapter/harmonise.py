@@ -378,7 +378,10 @@ class _Harmoniser:
         features: dict[str, float | None] = {}
         if rules.demographics.age:
             age = None
-            if patient.birth_date and day:
+            if patient.birth_date and day and patient.birth_date > day:
+                self.issues.append(patient.src.issue("Patient.birthDate is after the ImagingStudy start "
+                                                     "(ImagingStudy.started); age is treated as missing"))
+            elif patient.birth_date and day:
                 age = (day - patient.birth_date).days / 365.25
                 low, high = rules.demographics.age_range
                 if not low <= age <= high:

@@ -240,7 +240,7 @@ def test_duplicate_patient_keeps_the_first_and_reports_the_second(site_dir, appe
     assert (issue.line, issue.resource) == (line, label(f"Patient/{dup['id']}"))
     assert f"duplicate {label('Patient/' + dup['id'])} (first read at {fhir_dir / 'Patient.ndjson'}:1)" in issue.problem
     assert patients[0].sex == "female"
-    assert site.rows[pseudonymise(patients[0].mrn)].features["sex_female"] == 1  # the first copy's gender
+    assert site.row(pseudonymise(patients[0].mrn)).features["sex_female"] == 1  # the first copy's gender
     _assert_good_patients(site, patients, pseudonymise)
 
 
@@ -260,7 +260,7 @@ def test_two_patient_ids_with_one_mrn_are_merged_and_reported(site_dir, append_l
     assert len(site.rows) == 2
     assert patients[0].high_grade
     # The alias's Grade 1 is read first, on the same date, so it wins: the records were merged.
-    assert site.rows[pseudonymise(patients[0].mrn)].outcome == 0
+    assert site.row(pseudonymise(patients[0].mrn)).outcome == 0
     _assert_good_patients(site, patients, pseudonymise)
 
 
@@ -303,7 +303,7 @@ def test_unknown_tumour_grade_code_is_reported(site_dir, append_lines, pseudonym
     issue = _only_issue(site)
     assert (issue.line, issue.resource) == (line, label("Observation/grade-x"))
     assert "high_grade Observation" in issue.problem
-    assert site.rows[pseudonymise(patients[1].mrn)].outcome == int(patients[1].high_grade)
+    assert site.row(pseudonymise(patients[1].mrn)).outcome == int(patients[1].high_grade)
     _assert_good_patients(site, patients, pseudonymise)
 
 

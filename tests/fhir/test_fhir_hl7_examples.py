@@ -92,10 +92,13 @@ def test_ndjson_of_hl7_examples_harmonises_with_untyped_mrn_systems(tmp_path, hl
     f001 = site.row(pseudonymise("738472983"))
     assert f001.features["glucose"] == pytest.approx(6.3)  # the cancelled re-test does not count
     assert f001.consent_status == "none"  # consent-example-basic is not a research consent
-    dicom = site.row(pseudonymise("MINT1234"))
-    # Two studies: the later one (2017, the X-ray) wins.
-    assert dicom.study_instance_uid == "2.16.124.113543.6003.1154777499.30246.19789.3503430046"
-    assert dicom.features["sex_female"] == 0
+    # Two ImagingStudies of one patient: two rows, one per study, in study-date order (the 2017
+    # X-ray last), each with the patient's demographics.
+    dicom = site.rows[pseudonymise("MINT1234")]
+    assert [r.study_instance_uid for r in dicom] == ["2.16.124.113543.6003.1154777499.30246.19789.3503430045",
+                                                     "2.16.124.113543.6003.1154777499.30246.19789.3503430046"]
+    assert [r.features["sex_female"] for r in dicom] == [0, 0]
+    assert set(site.by_study) == {r.study_instance_uid for r in dicom} | {f001.study_instance_uid} - {None}
     example = site.row(pseudonymise("12345"))
     assert example.features["age"] is None and example.study_instance_uid is None
     assert site.resources_read["Observation"] == 3
