@@ -31,6 +31,7 @@ from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.transforms import (
     Compose,
+    DeleteItemsd,
     EnsureTyped,
     FgBgToIndicesd,
     NormalizeIntensityd,
@@ -98,8 +99,9 @@ def split_cases(cases: list[Case]) -> tuple[list[Case], list[Case]]:
     return train, val
 
 
-def _prepare(config: TrainConfig) -> Compose:
-    """Deterministic steps, cached once per case: geometry, intensity, padding, fg/bg indices.
+def _prepare(config: TrainConfig, *, train: bool) -> Compose:
+    """Deterministic steps, cached once per case: geometry, intensity, padding, and for training
+    the fg/bg indices the patch sampler draws from.
 
     The cache holds plain tensors on the training device: on a GPU the host then neither copies
     nor transforms volumes each step, and no MetaTensor reaches the model (its per-layer
@@ -112,10 +114,12 @@ def _prepare(config: TrainConfig) -> Compose:
         Spacingd(keys=("image", "label"), pixdim=config.spacing, mode=("bilinear", "nearest")),
         _PerModalityIntensity(ct_low, ct_high, config.mr_nonzero),
         SpatialPadd(keys=("image", "label"), spatial_size=config.roi),
-        FgBgToIndicesd(keys="label", fg_postfix="_fg", bg_postfix="_bg"),
+        *([FgBgToIndicesd(keys="label", fg_postfix="_fg", bg_postfix="_bg")] if train else []),
         EnsureTyped(keys=("image", "label", "ehr", "outcome", "has_outcome"), device=device_for_training(),
                     track_meta=False),
         _AssertFinite(),
+        # Only tensors go on: Opacus's collation (DP-SGD) accepts nothing else.
+        DeleteItemsd(keys=("modality", "case_id")),
     ])
 
 
@@ -170,8 +174,8 @@ class PatientDataset(torch.utils.data.Dataset):
     """One item per patient; drawing it draws one of the patient's cases (a random patch of it)."""
 
     def __init__(self, cases: list[Case], config: TrainConfig):
-        self.cache = CacheDataset(_items(cases), transform=Compose([*_prepare(config).transforms, *_random(config).transforms]),
-                                  progress=False, num_workers=0)
+        steps = Compose([*_prepare(config, train=True).transforms, *_random(config).transforms])
+        self.cache = CacheDataset(_items(cases), transform=steps, progress=False, num_workers=0)
         patients: dict[str, list[int]] = {}
         for i, case in enumerate(cases):
             patients.setdefault(case.pseudonym, []).append(i)
@@ -195,7 +199,7 @@ def make_loader(cases: list[Case], config: TrainConfig, *, train: bool) -> DataL
     case whole, one at a time (volumes differ in size after resampling)."""
     if train:
         return DataLoader(PatientDataset(cases, config), batch_size=config.batch_size, shuffle=True, num_workers=0)
-    dataset = CacheDataset(_items(cases), transform=_prepare(config), progress=False, num_workers=0)
+    dataset = CacheDataset(_items(cases), transform=_prepare(config, train=False), progress=False, num_workers=0)
     return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
 
 

@@ -9,6 +9,7 @@ from nvflare.apis.fl_context import FLContext
 SITES = ("site-1", "site-2", "site-3")
 SITE_SAMPLES = {"site-1": 17, "site-2": 41, "site-3": 9}
 ROI = (16, 16, 16)
+EHR_SIZE = 12  # the liver study's features and missing-indicators (FusionSegNet's default)
 
 
 def make_fl_ctx(site: str = "site-1", job_id: str = "job-1", direction: str = FilterKey.OUT,
@@ -30,6 +31,7 @@ def synthetic_batch(n: int, seed: int) -> list[dict]:
         c = torch.randint(4, 12, (3,), generator=g)
         label[0, c[0] - 3:c[0] + 3, c[1] - 3:c[1] + 3, c[2] - 3:c[2] + 3] = 1
         image = torch.randn(1, *ROI, generator=g) * 0.3 + label * 2
-        items.append({"image": image, "label": label, "ehr": torch.randn(8, generator=g),
-                      "outcome": torch.tensor(float(torch.rand(1, generator=g) > 0.5))})
+        items.append({"image": image, "label": label, "ehr": torch.randn(EHR_SIZE, generator=g),
+                      "outcome": torch.tensor(float(torch.rand(1, generator=g) > 0.5)),
+                      "has_outcome": torch.tensor(1.0)})
     return items

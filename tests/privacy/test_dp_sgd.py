@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
-from privacy_helpers import ROI, synthetic_batch
+from privacy_helpers import EHR_SIZE, ROI, synthetic_batch
 
 from clinfed.models.fusion_seg import FusionSegNet
 from clinfed.privacy.dp_sgd import SiteDPSGD
@@ -88,7 +88,7 @@ def test_empty_poisson_first_batch_of_dict_samples_keeps_the_batch_structure():
     dp_loader = DPDataLoader.from_data_loader(loader)
     _seed_empty_batch_structure(dp_loader, loader)
     empty = dp_loader.collate_fn([])  # what Opacus collates when Poisson sampling picks no one
-    assert set(empty) == {"image", "label", "ehr", "outcome"}
+    assert set(empty) == {"image", "label", "ehr", "outcome", "has_outcome"}
     assert empty["image"].shape == (0, 1, *ROI)
 
 
@@ -99,7 +99,7 @@ def test_empty_poisson_batch_is_a_noise_only_step_in_expanded_weights_mode(tmp_p
     loader = torch.utils.data.DataLoader(synthetic_batch(N, seed=0), batch_size=BATCH)
     with dp.private_round(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, round_=0) as private:
         private.optimizer.zero_grad(set_to_none=True)
-        seg_logits, outcome = private.model(torch.zeros(0, 1, *ROI), torch.zeros(0, 8))
+        seg_logits, outcome = private.model(torch.zeros(0, 1, *ROI), torch.zeros(0, EHR_SIZE))
         assert seg_logits.shape == (0, 2, *ROI) and outcome.shape == (0,)
         (seg_logits.sum() + outcome.sum()).backward()
         private.optimizer.step()
@@ -112,8 +112,8 @@ def test_an_empty_poisson_batch_steps_but_does_not_turn_the_reported_loss_into_n
     dp = make_dp(tmp_path / "dp.json", grad_sample_mode="ew")
     loader = torch.utils.data.DataLoader(synthetic_batch(N, seed=0), batch_size=BATCH)
     full = next(iter(loader))
-    empty = {"image": torch.zeros(0, 1, *ROI), "label": torch.zeros(0, 1, *ROI), "ehr": torch.zeros(0, 8),
-             "outcome": torch.zeros(0)}
+    empty = {"image": torch.zeros(0, 1, *ROI), "label": torch.zeros(0, 1, *ROI), "ehr": torch.zeros(0, EHR_SIZE),
+             "outcome": torch.zeros(0), "has_outcome": torch.zeros(0)}
     with dp.private_round(model, torch.optim.Adam(model.parameters(), lr=1e-3), loader, round_=0) as private:
         stats = train_epochs(private.model, [full, empty, full], CONFIG, optimizer=private.optimizer)
     assert stats["steps"] == 3 and math.isfinite(stats["loss"]) and stats["loss"] > 0
