@@ -12,6 +12,7 @@ import pytest
 
 from clinfed import audit
 from clinfed.data.pseudonym import Pseudonymiser
+from clinfed.data.study import load_study
 from clinfed.data.synth import synthesise
 from clinfed.ledger import LocalLedger
 from fhir_adapter import consent_sha256, harmonise_site
@@ -53,7 +54,7 @@ def test_consent_commitments_cannot_be_recomputed_from_the_fhir_file_without_the
     assert commitments and not commitments & candidates
     # With the site's secret, the site itself recomputes every one.
     key = audit.commitment_key(Pseudonymiser.for_site(site_dir)._key)
-    harmonised = harmonise_site(site_dir / "fhir", STUDY, Pseudonymiser.for_site(site_dir))
+    harmonised = harmonise_site(site_dir / "fhir", load_study(STUDY).fhir, Pseudonymiser.for_site(site_dir))
     assert {audit.consent_commitment(key, STUDY, p, d.consent_sha256) for p, d in harmonised.consents.items()
             if p in records} == commitments
 
@@ -61,7 +62,7 @@ def test_consent_commitments_cannot_be_recomputed_from_the_fhir_file_without_the
 def test_one_record_is_opened_without_revealing_the_others(synced):
     site_dir, _, records = synced
     key = audit.commitment_key(Pseudonymiser.for_site(site_dir)._key)
-    harmonised = harmonise_site(site_dir / "fhir", STUDY, Pseudonymiser.for_site(site_dir))
+    harmonised = harmonise_site(site_dir / "fhir", load_study(STUDY).fhir, Pseudonymiser.for_site(site_dir))
     pseudonym, decision = next((p, d) for p, d in harmonised.consents.items() if p in records)
     resource = next(r for r in _consents_in_export(site_dir) if consent_sha256(r) == decision.consent_sha256)
     opening = audit.consent_opening(key, STUDY, pseudonym, decision.consent_sha256)

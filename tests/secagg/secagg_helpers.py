@@ -17,6 +17,7 @@ from clinfed import audit
 from clinfed.executors.secagg_client import SecAggClient
 from clinfed.filters.release_guard import ReleaseGuard
 from clinfed.ledger.settings import LEDGER_ENV, ledger_settings
+from clinfed.site_config import DATA_ROOT_ENV
 from clinfed.workflows.secagg_fedavg import SecAggFedAvg
 
 
@@ -39,15 +40,21 @@ class Consortium:
 
     @contextmanager
     def environment(self):
-        before = os.environ.get(LEDGER_ENV)
+        """This consortium's ledger, and no data root: each site keeps its secure-aggregation state
+        in the job's own workspace (a data root left by an earlier test in the process, e.g. by
+        ``clinfed.demo.run_federated``, would share it across tests, whose simulator jobs all
+        have the id ``simulate_job``)."""
+        before = {key: os.environ.get(key) for key in (LEDGER_ENV, DATA_ROOT_ENV)}
         os.environ[LEDGER_ENV] = str(self.ledger)
+        os.environ.pop(DATA_ROOT_ENV, None)
         try:
             yield
         finally:
-            if before is None:
-                os.environ.pop(LEDGER_ENV, None)
-            else:
-                os.environ[LEDGER_ENV] = before
+            for key, value in before.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     def run(self, workflow: SecAggFedAvg | None = None, trainers: dict | None = None, rounds: int = 1,
             name: str = "secagg") -> Path:

@@ -8,7 +8,7 @@ ROI, intensity normalisation). The FHIR parts become :class:`fhir_adapter.rules.
 
 Where a study is found (:func:`find_study`): an explicit path; else ``<name>.yml`` in each of
 the ``search`` folders given (a site's ``local/studies``), ``$CLINFED_STUDIES_DIR``, and the
-studies shipped with the bundle (``provisioning/studies`` of this repository).
+studies shipped with the bundle (``provisioning/studies``, installed as ``clinfed/studies``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ from fhir_adapter.rules import (
 from fhir_adapter.units import UnitError, conversion_factor, parse_ucum
 
 STUDIES_ENV = "CLINFED_STUDIES_DIR"
-SHIPPED_STUDIES_DIR = Path(__file__).resolve().parents[3] / "provisioning" / "studies"
+# ``clinfed/studies`` links to ``provisioning/studies`` in the repository and is installed as
+# package data, so an installed bundle (not only a checkout) ships the consortium's studies.
+SHIPPED_STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 MAX_DEFINITION_BYTES = 256 * 1024
 MODALITIES = ("CT", "MR")
 STUDY_CHOICES = ("first", "last", "all")
