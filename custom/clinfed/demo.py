@@ -84,9 +84,10 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, study: str = STUDY_ID) -> "DemoConfig":
-        # Batch 1: twice the optimiser steps of the default in the same time, which three short
-        # rounds need to get the averaged model past predicting background.
-        return cls(patients=12, shape=(32, 32, 16) if study == STUDY_ID else None, rounds=3, local_epochs=1,
+        # Batch 1: twice the optimiser steps of the default in the same time; two local epochs:
+        # with volumes resampled to the study's spacing, three rounds of one epoch left the averaged
+        # model at Dice 0.34 where two epochs reach more, in less CPU time than the old pipeline's one.
+        return cls(patients=12, shape=(32, 32, 16) if study == STUDY_ID else None, rounds=3, local_epochs=2,
                    batch_size=1, study=study)
 
     @property

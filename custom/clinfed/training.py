@@ -52,7 +52,7 @@ from clinfed.models.fusion_seg import FusionSegNet
 # round: on the demo data, 4 rounds x 4 epochs reached 1.00 x central Dice where 8 x 2 reached
 # 0.92 x with the same epoch budget (benchmarks/quality.py, three seeds each).
 DEFAULT_ROI = (32, 32, 16)
-DEFAULT_SPACING = (1.0, 1.0, 2.5)
+DEFAULT_SPACING = (1.0, 1.0, 1.0)
 DEFAULT_BATCH_SIZE = 2
 DEFAULT_LR = 2e-3
 DEFAULT_LOCAL_EPOCHS = 4
@@ -74,7 +74,7 @@ class TrainConfig:
     outcome_weight: float = 0.5
     roi: tuple[int, int, int] = DEFAULT_ROI
     spacing: tuple[float, float, float] = DEFAULT_SPACING
-    ct_window: tuple[float, float] = (-200.0, 300.0)
+    ct_window: tuple[float, float] = (-50.0, 150.0)
     mr_nonzero: bool = True
     ehr_size: int = DEFAULT_EHR_SIZE
 

@@ -44,6 +44,6 @@ def test_volumes_are_resampled_to_the_study_spacing_and_normalised_per_modality(
     assert abs(float(image.mean())) < 0.05 and abs(float(image.std()) - 1.0) < 0.05  # MR: z-score
     assert set(torch.unique(batch["label"]).tolist()) == {0.0, 1.0}  # nearest: still a binary label
     ct = _case(0, modality="CT")
-    ct.image[:] = 50.0  # HU inside the default window [-200, 300]
+    ct.image[:] = 50.0  # HU inside the default (liver) window [-50, 150]
     (batch,) = list(make_loader([ct], TrainConfig(roi=ROI, batch_size=1, spacing=(1.0, 1.0, 1.0)), train=False))
-    assert torch.allclose(batch["image"], torch.tensor(0.5))  # (50 + 200) / 500
+    assert torch.allclose(batch["image"], torch.tensor(0.5))  # (50 + 50) / 200
