@@ -117,7 +117,7 @@ def test_the_policy_yields_only_to_a_majority_of_orgs_running_the_modified_contr
             pair.record_global_model(model(0))
         assert err.value.code == transaction_pb2.ENDORSEMENT_POLICY_FAILURE
         swap("Site3MSP")
-        trio = fabric_net.clients.ledger("Site1MSP", chaincode=name,
+        trio = fabric_net.clients.ledger("Site1MSP", chaincode=name, synced=True,
                                          endorsing_orgs=["Site1MSP", "Site2MSP", "Site3MSP"])
         forged = trio.record_global_model(model(1))
         assert [m.round for m in reader.global_models(JOB)] == [1] and forged.recorded_by == "Site1MSP"

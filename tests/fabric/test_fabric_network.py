@@ -34,7 +34,7 @@ def test_write_endorsed_by_one_org_only_is_rejected_at_validation(fabric_net):
     reader = fabric_net.clients.ledger("CoordinatorMSP", chaincode=name)
     assert reader.contributions(JOB) == []
     # The same write, endorsed as the channel's MAJORITY policy asks (the gateway picks the orgs), commits.
-    written = fabric_net.clients.ledger("Site1MSP", chaincode=name).record_contribution(contribution("site-1"))
+    written = fabric_net.clients.ledger("Site1MSP", chaincode=name, synced=True).record_contribution(contribution("site-1"))
     assert reader.contributions(JOB) == [written]
 
 
