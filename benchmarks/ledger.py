@@ -41,12 +41,12 @@ def _digest(text: str) -> str:
 def _contribution(job: str, round_: int, site: str) -> Contribution:
     return Contribution(job_id=job, round=round_, site=site, update_sha256=_digest(f"{job}/{round_}/{site}"),
                         n_samples=40, metrics={"train_loss": 0.41, "val_dice": 0.72, "cohort_train": 16.0},
-                        epsilon=1.25, delta=1e-5)
+                        patient_epsilon=1.25, patient_delta=1e-5)
 
 
 def _model(job: str, round_: int, sites: list[str]) -> GlobalModel:
     return GlobalModel(job_id=job, round=round_, model_sha256=_digest(f"model/{job}/{round_}"), participants=sites,
-                       expected_sites=sites, aggregation="fedavg", n_samples=40 * len(sites), epsilon=1.25,
+                       expected_sites=sites, aggregation="fedavg", n_samples=40 * len(sites), patient_epsilon=1.25,
                        metrics={"val_dice": 0.7})
 
 

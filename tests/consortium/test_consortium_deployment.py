@@ -134,7 +134,8 @@ def test_private_job_through_the_flare_api_and_each_site_verifies_it(consortium,
     with _site_ledger(state, "site-1") as ledger:
         rows = audit.contributions(ledger, job_id)
     assert sorted((r["round"], r["site"]) for r in rows) == [(r, s) for r in (0, 1) for s in SITES]
-    assert all(r.get("epsilon") for r in rows), rows  # DP spend recorded at every site
+    # Both units recorded at every site, separately: DP-SGD (patient) and update DP (site).
+    assert all(r.get("patient_epsilon") and r.get("site_epsilon") for r in rows), rows
     # What each site recorded is the masked input it sent.
     assert {r["hash_stage"] for r in rows} == {"after_masking"}, rows
     site1_log = "\n".join(p.read_text(errors="replace") for p in (Path(state["kits"]["site-1"]) / job_id).rglob("log.txt"))
@@ -166,7 +167,7 @@ def test_job_asking_for_the_strict_scope_gets_it_at_every_site(consortium, tmp_p
         rows = audit.contributions(ledger, job_id)
         assert audit.verify(ledger, job_id).ok
     assert sorted(r["site"] for r in rows) == SITES
-    assert all(r.get("epsilon") and r["hash_stage"] == "after_masking" for r in rows), rows
+    assert all(r.get("site_epsilon") and r["hash_stage"] == "after_masking" for r in rows), rows
 
 
 def test_job_naming_a_scope_the_site_lacks_is_refused_at_deploy(consortium, tmp_path, capsys):

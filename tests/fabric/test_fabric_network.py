@@ -22,7 +22,7 @@ JOB = "job-fabric"
 def contribution(site: str, round_: int = 0) -> Contribution:
     return Contribution(job_id=JOB, round=round_, site=site,
                         update_sha256=hashlib.sha256(f"{JOB}/{round_}/{site}".encode()).hexdigest(),
-                        n_samples=40, metrics={"train_loss": 0.5}, epsilon=1.0, delta=1e-5)
+                        n_samples=40, metrics={"train_loss": 0.5}, patient_epsilon=1.0, patient_delta=1e-5)
 
 
 def test_write_endorsed_by_one_org_only_is_rejected_at_validation(fabric_net):

@@ -96,8 +96,10 @@ class TumourSegFedAvgRecipe(Recipe):
                                     weight_bound=mask_weight_bound, noise_multiplier=mask_noise_multiplier,
                                     task_check_period=TASK_CHECK_PERIOD)
         else:
+            # A site that declines (its privacy budget or policy) is left out of the round, not fatal.
             workflow = FedAvg(num_clients=min_clients, num_rounds=num_rounds, persistor_id=persistor_id,
-                              aggregator=WeightedFedAvg(), task_check_period=TASK_CHECK_PERIOD)
+                              aggregator=WeightedFedAvg(), task_check_period=TASK_CHECK_PERIOD,
+                              ignore_result_error=True)
         job.to_server(workflow)
         job.to_server({"server": {"task_request_interval": TASK_REQUEST_INTERVAL}})
         job.to_server(RoundLogWriter(), id="round_log")

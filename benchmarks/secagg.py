@@ -1,0 +1,233 @@
+"""What secure aggregation costs, side by side in one run: prints one JSON object.
+
+For each site count (default 3 and 10), FLARE's simulator runs the same 4.7M-parameter model
+(MONAI SegResNet, init_filters=16) for ``--rounds`` rounds under four configurations:
+
+- ``plain``: FLARE's FedAvg with clinfed's weighted aggregator;
+- ``secagg``: ``SecAggFedAvg`` + ``SecAggClient`` (three tasks a round, exact encoding);
+- ``secagg_dp``: the same with update-level DP inside the mask (Skellam noise, sigma 1);
+- ``secagg_dropout``: ``secagg`` with one site dropping after setup in every round (at 3 sites the
+  sites' policy then accepts rounds of 2, below the default minimum of 3).
+
+Sites do not train (each returns a random update of the model's size), so the difference is the
+protocol. Reported per configuration: seconds per round (median over the rounds after the first)
+and its ratio to ``plain``, and bytes each site uploads per round (FOBS-serialised results of all
+its tasks, measured by a result filter at the site) and the ratio to ``plain``. Every
+configuration uses the same task polling (``TASK_CHECK_PERIOD``, ``TASK_REQUEST_INTERVAL``).
+
+Usage: python benchmarks/secagg.py [--sites 3 10] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.executor import Executor
+from nvflare.apis.filter import Filter
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.shareable import make_reply
+from nvflare.app_common.app_constant import AppConstants
+
+CONFIGS = ("plain", "secagg", "secagg_dp", "secagg_dropout")
+SAMPLES = 30
+
+
+class RandomUpdate(Executor):
+    """A site that does not train: a random weight difference of the received model's shape.
+    ``fail_every_round``: the site drops after setup in every round (no masked input)."""
+
+    def __init__(self, fail_every_round: bool = False):
+        super().__init__()
+        self.fail_every_round = fail_every_round
+
+    def execute(self, task_name, shareable, fl_ctx, abort_signal):
+        if task_name != AppConstants.TASK_TRAIN:
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        if self.fail_every_round:
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        round_ = int(shareable.get_header(AppConstants.CURRENT_ROUND))
+        rng = np.random.default_rng(zlib.crc32(f"{fl_ctx.get_identity_name()}/{round_}".encode()))
+        update = {k: rng.normal(0, 1e-3, np.shape(v)).astype(np.float32) for k, v in from_shareable(shareable).data.items()}
+        result = DXO(DataKind.WEIGHT_DIFF, data=update, meta={"n_samples": SAMPLES}).to_shareable()
+        result.set_header(AppConstants.CURRENT_ROUND, round_)
+        return result
+
+
+class UploadMeter(Filter):
+    """Last result filter at a site: appends the size of each result as FLARE serialises it."""
+
+    def __init__(self, log_file: str):
+        super().__init__()
+        self.log_file = log_file
+
+    def process(self, shareable, fl_ctx):
+        from nvflare.fuel.utils import fobs
+
+        with open(self.log_file, "a") as handle:
+            handle.write(json.dumps({"site": fl_ctx.get_identity_name(), "task": fl_ctx.get_prop(FLContextKey.TASK_NAME),
+                                     "round": shareable.get_header(AppConstants.CURRENT_ROUND),
+                                     "bytes": len(fobs.dumps(shareable))}) + "\n")
+        return shareable
+
+
+def _round_times(server_log: str) -> list[float]:
+    """Seconds between consecutive 'Round k started.' records (and the last to 'Finished FedAvg').
+    FLARE centres these banners on lines of their own: the record's time is on the line above."""
+    stamps, last = [], None
+    for line in server_log.splitlines():
+        if line[:4].isdigit() and line[4:5] == "-":
+            last = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+        if last is not None and (("Round " in line and "started." in line) or "Finished FedAvg" in line):
+            stamps.append(last)
+    return [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])]
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """The simulator and its processes print to fd 1; this script's stdout is one JSON object."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _job(config: str, sites: list[str], rounds: int, folder: Path, keys: dict):
+    from monai.networks.nets import SegResNet
+    from nvflare.app_common.workflows.fedavg import FedAvg
+    from nvflare.app_opt.pt.job_config.base_fed_job import BaseFedJob
+    from nvflare.job_config.defs import FilterType
+
+    from clinfed.aggregators.fedavg import WeightedFedAvg
+    from clinfed.executors.secagg_client import SecAggClient
+    from clinfed.jobs.tumour_seg import TASK_CHECK_PERIOD, TASK_REQUEST_INTERVAL
+    from clinfed.privacy.secagg import SETUP_TASK, UNMASK_TASK
+    from clinfed.workflows.secagg_fedavg import SecAggFedAvg
+
+    model = SegResNet(spatial_dims=3, in_channels=1, out_channels=2, init_filters=16)
+    job = BaseFedJob(initial_model=model, name=f"bench_{config}_{len(sites)}", min_clients=len(sites))
+    job.set_app_packages(["clinfed", "fhir_adapter"])
+    persistor = job.comp_ids["persistor_id"]
+    if config == "plain":
+        job.to_server(FedAvg(num_clients=len(sites), num_rounds=rounds, persistor_id=persistor,
+                             aggregator=WeightedFedAvg(), task_check_period=TASK_CHECK_PERIOD))
+    else:
+        dp = config == "secagg_dp"
+        job.to_server(SecAggFedAvg(num_clients=len(sites), num_rounds=rounds, persistor_id=persistor,
+                                   encoding="dp" if dp else "exact", clip=1.0 if dp else 0.05,
+                                   weight_bound=2.0 * SAMPLES * len(sites), noise_multiplier=1.0 if dp else 0.0,
+                                   train_timeout=600))
+    job.to_server({"server": {"task_request_interval": TASK_REQUEST_INTERVAL}})
+    uploads = folder / f"uploads_{config}_{len(sites)}.jsonl"
+    for i, site in enumerate(sites):
+        trainer = RandomUpdate(fail_every_round=config == "secagg_dropout" and i == len(sites) - 1)
+        if config == "plain":
+            tasks = ["train"]
+            job.to(trainer, site, tasks=tasks)
+        else:
+            tasks = ["train", SETUP_TASK, UNMASK_TASK]
+            job.to(SecAggClient(trainer=trainer, private_key_file=str(keys[site])), site, tasks=tasks)
+        job.to(UploadMeter(str(uploads)), site, filter_type=FilterType.TASK_RESULT, tasks=tasks)
+    return job, uploads
+
+
+def _uploads_per_round(uploads: Path, skip_first: bool = True) -> float | None:
+    """Median over sites and rounds (after the first) of the bytes a site uploads in a round."""
+    if not uploads.exists():
+        return None
+    per_site_round: dict[tuple, int] = {}
+    for line in uploads.read_text().splitlines():
+        entry = json.loads(line)
+        if skip_first and entry["round"] in (0, None):
+            continue
+        key = (entry["site"], entry["round"])
+        per_site_round[key] = per_site_round.get(key, 0) + entry["bytes"]
+    return statistics.median(per_site_round.values()) if per_site_round else None
+
+
+def simenv_section(site_counts: list[int], rounds: int) -> dict:
+    from clinfed import audit
+    from clinfed.ledger.settings import LEDGER_ENV, ledger_settings
+    from clinfed.site_config import DATA_ROOT_ENV, SITE_CONFIG_FILE
+
+    out = {"model": "MONAI SegResNet init_filters=16", "rounds": rounds,
+           "note": "no training: each site returns a random update; round seconds are the median after the "
+                   "first round; upload bytes per site per round, all of a round's tasks"}
+    for n_sites in site_counts:
+        sites = [f"site-{i}" for i in range(1, n_sites + 1)]
+        entry = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            ledger = folder / "ledger.sqlite"
+            audit.init_consortium(ledger, sites)
+            keys = {s: folder / s / "masking_key.pem" for s in sites}
+            for site in sites:
+                with ledger_settings(site, ledger=ledger).open(outbox=False) as client:
+                    audit.register_masking_key(client, site, keys[site])
+            os.environ[LEDGER_ENV] = str(ledger)
+            if n_sites == 3:  # one dropout leaves 2: the sites accept it for this measurement
+                for site in sites:
+                    policy = {"privacy": {"secure_aggregation": {"min_participants": 2}}}
+                    (folder / site / SITE_CONFIG_FILE).write_text(json.dumps(policy))
+            os.environ[DATA_ROOT_ENV] = str(folder)
+            for config in CONFIGS:
+                job, uploads = _job(config, sites, rounds, folder, keys)
+                workspace = folder / f"ws_{config}"
+                started = time.perf_counter()
+                with _stdout_to_stderr():
+                    job.simulator_run(str(workspace), threads=n_sites)
+                log = "\n".join(open(p, errors="replace").read()
+                                for p in glob.glob(f"{workspace}/server/**/log.txt", recursive=True))
+                per_round = _round_times(log)[1:]
+                entry[config] = {"round_s": statistics.median(per_round) if per_round else None,
+                                 "rounds_s": per_round, "job_wall_s": time.perf_counter() - started,
+                                 "upload_bytes_per_site_round": _uploads_per_round(uploads)}
+            os.environ.pop(LEDGER_ENV, None)
+            os.environ.pop(DATA_ROOT_ENV, None)
+        plain = entry["plain"]
+        for config in CONFIGS[1:]:
+            if plain["round_s"] and entry[config]["round_s"]:
+                entry[config]["round_ratio_to_plain"] = entry[config]["round_s"] / plain["round_s"]
+            if plain["upload_bytes_per_site_round"] and entry[config]["upload_bytes_per_site_round"]:
+                entry[config]["upload_ratio_to_plain"] = (entry[config]["upload_bytes_per_site_round"]
+                                                          / plain["upload_bytes_per_site_round"])
+        out[f"{n_sites}_sites"] = entry
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, nargs="+", default=[3, 10])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    report = {"benchmark": "secagg", "host": platform.node(), "python": platform.python_version(),
+              "cpu_count": os.cpu_count(), "goals": {"round_ratio_to_plain": 1.15, "upload_ratio_to_plain": 2.0},
+              "anchors": {"flare_he_round_ratio": {"3_sites": 11, "10_sites": 22},
+                          "flower_secaggplus_round_ratio": {"3_sites": 4.0, "10_sites": "4.5-5.9"},
+                          "bonawitz_upload_ratio": 1.73},
+              "simenv": simenv_section(args.sites, args.rounds)}
+    report["wall_s"] = time.perf_counter() - started
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
