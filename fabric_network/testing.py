@@ -50,9 +50,11 @@ def start_network(consensus: str = "raft", **kwargs) -> Network:
     try:
         net.up(log=lambda m: print(f"fabric_network ({consensus}): {m}", file=sys.stderr))
     except FabricNetworkError as exc:
-        kept = shutil.copytree(net.root / "logs", tempfile.mkdtemp(prefix="clinfed-fabric-failed-") + "/logs")
+        logs = net.root / "logs"
+        kept = shutil.copytree(logs, tempfile.mkdtemp(prefix="clinfed-fabric-failed-") + "/logs") \
+            if logs.is_dir() else None
         _down_quietly(net)
-        raise FabricNetworkError(f"{exc} (the nodes' logs are kept in {kept})") from exc
+        raise FabricNetworkError(f"{exc}" + (f" (the nodes' logs are kept in {kept})" if kept else "")) from exc
     except BaseException:
         _down_quietly(net)
         raise
