@@ -109,6 +109,9 @@ def _in_use(root: str, block: str) -> bool:
 def _first_busy(endpoints: Iterable[tuple[str, int]]) -> tuple[str, int] | None:
     for host, port in endpoints:
         with socket.socket() as probe:
+            # as the nodes bind (Go and gRPC set SO_REUSEADDR): connections of a network that is
+            # gone, still in TIME_WAIT, do not keep the block busy; a bound or listening socket does
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((host, port))
             except OSError as exc:
