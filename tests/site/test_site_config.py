@@ -29,7 +29,7 @@ def test_simulator_site_keeps_secrets_and_privacy_state_in_its_folder(tmp_path, 
     assert files.masking_key_file.parent == files.data_dir == files.privacy_dir.parent
 
 
-@pytest.mark.parametrize("content, message", [("{not json", "not readable JSON"),
+@pytest.mark.parametrize("content, message", [("{not json", "not valid JSON"),
                                               ('{"secret_file": "x"}', "'data_dir' is missing")])
 def test_bad_site_config_names_the_file_and_the_problem(tmp_path, monkeypatch, content, message):
     monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
