@@ -247,6 +247,21 @@ def cmd_jobs_export(args) -> int:
     return 0
 
 
+def cmd_jobs_check(args) -> int:
+    from clinfed.jobs.folder_check import check_job_folder
+
+    checks = [check_job_folder(job_dir) for job_dir in args.job_dirs]
+    if args.json:
+        print(json.dumps([c.to_dict() for c in checks] if len(checks) > 1 else checks[0].to_dict(), indent=2))
+    else:
+        for check in checks:
+            if check.ok:
+                print(f"{check.job_dir}: OK ({check.components} components load and accept their arguments)")
+            for problem in check.problems:
+                print(f"clinfed: error: {problem}", file=sys.stderr)
+    return 0 if all(c.ok for c in checks) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clinfed.data.profiles import STUDY_ID
 
@@ -339,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = jobs.add_parser("export", help="export the Python job definitions into job folders")
     export.add_argument("--jobs-dir", type=Path, default=Path("jobs"))
     export.set_defaults(func=cmd_jobs_export)
+    job_check = jobs.add_parser("check", help="check job folders before submitting them: meta.json, app configs, "
+                                              "component classes and their arguments")
+    job_check.add_argument("job_dirs", type=Path, nargs="+", metavar="JOB_DIR")
+    job_check.add_argument("--json", action="store_true")
+    job_check.set_defaults(func=cmd_jobs_check)
 
     add_consortium_commands(sub)
     return parser

@@ -23,10 +23,10 @@ from pathlib import Path
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.job_config.defs import FilterType
-from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.app_opt.pt.job_config.base_fed_job import BaseFedJob
 from nvflare.recipe.spec import Recipe
 
+from clinfed import arguments
 from clinfed.aggregators.fedavg import WeightedFedAvg
 from clinfed.aggregators.masked_sum import MaskedFedAvg
 from clinfed.executors.seg_executor import SegExecutor
@@ -37,6 +37,7 @@ from clinfed.privacy import PRIVACY_MODES
 from clinfed.training import DEFAULT_BATCH_SIZE, DEFAULT_LOCAL_EPOCHS, DEFAULT_LR, DEFAULT_ROI
 from clinfed.widgets.ledger_recorder import LedgerRecorder
 from clinfed.widgets.round_log import RoundLogWriter
+from clinfed.workflows.fedavg import FedAvg
 
 FEDAVG_JOB_NAME = "tumour_seg_fedavg"
 DEFAULT_ROUNDS = 4
@@ -76,8 +77,10 @@ class TumourSegFedAvgRecipe(Recipe):
                  roi: tuple[int, int, int] = DEFAULT_ROI, cross_site_eval: bool = True,
                  ledger_policy: str | None = None, privacy: str = "none", dp_target_epsilon: float = 8.0,
                  dp_max_grad_norm: float = 1.0, mask_clip_range: float = 0.5, mask_weight_bound: float = 1e4):
-        if privacy not in PRIVACY_MODES:
-            raise ValueError(f"privacy must be one of {', '.join(PRIVACY_MODES)}, got {privacy!r}")
+        # The recipe's own arguments; the executor and the workflows check theirs when built.
+        arguments.choice("privacy", privacy, PRIVACY_MODES)
+        arguments.positive_int("min_clients", min_clients)
+        arguments.positive_int("num_rounds", num_rounds)
         dp, mask = privacy in ("dp", "dp+mask"), privacy in ("mask", "dp+mask")
         job = BaseFedJob(initial_model=FusionSegNet(), name=name, min_clients=min_clients, key_metric="dice")
         persistor_id = job.comp_ids["persistor_id"]

@@ -1,0 +1,1 @@
+"""Server workflows of our jobs."""
