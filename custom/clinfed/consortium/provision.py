@@ -157,8 +157,8 @@ def _provision(consortium_file: Path, consortium: Consortium, out: Path, data_ro
     proc = subprocess.run([*nvflare_command(), "provision", "-p", str(out / "project.yml"), "-w", str(workspace),
                            "--force"], cwd=out, env=tool_env(), capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
-        raise ProvisionError(f"nvflare provision failed (exit {proc.returncode}): "
-                             f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+        said = [line.strip() for line in (proc.stderr or proc.stdout or "").splitlines() if line.strip()]
+        raise ProvisionError(f"nvflare provision failed (exit {proc.returncode}): {said[-1] if said else 'no output'}")
     prods = sorted((workspace / consortium.name).glob("prod_*"))
     if not prods:
         raise ProvisionError(f"nvflare provision wrote no prod_NN folder under {workspace / consortium.name}")
