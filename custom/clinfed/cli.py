@@ -70,16 +70,16 @@ def _check_site(site_dir: Path, args) -> dict:
 
     if not (site_dir / "imaging").is_dir() and not (site_dir / "fhir").is_dir():
         raise ClinfedError(f"{site_dir}: not a site folder (expected imaging/ and fhir/ inside)")
+    pseudonymiser = Pseudonymiser.for_site(site_dir, args.secret_file)
     n_studies = len(list((site_dir / "imaging").glob("*/"))) if (site_dir / "imaging").is_dir() else 0
     with tqdm(total=n_studies, desc=f"ingesting {site_dir.name}", unit="study", file=sys.stderr,
               disable=args.json) as bar:
-        ingestion = ingest_site(site_dir, args.study, Pseudonymiser.for_site(site_dir, args.secret_file),
-                                progress=bar)
+        ingestion = ingest_site(site_dir, args.study, pseudonymiser, progress=bar)
     return ingestion.report()
 
 
 def cmd_data_check(args) -> int:
-    """Every site is checked, whatever another one's error; exit 1 when any site could not be."""
+    """Every site is checked, whatever another one's error; exit 2 when any site could not be."""
     reports, failed = [], 0
     for site_dir in args.site_dirs:
         try:
@@ -94,13 +94,13 @@ def cmd_data_check(args) -> int:
     else:
         for report in reports:
             if "error" in report:
-                print(f"== {report['site_dir']}: NOT CHECKED: {report['error']} ==")
+                print(f"== {report['site_dir']}: NOT CHECKED (error above) ==")
             else:
                 print_ingestion_report(report)
     if len(reports) > 1:
         print(f"{len(reports) - failed} of {len(reports)} site(s) checked"
               + (f"; {failed} could not be (see above)" if failed else ""), file=sys.stderr)
-    return 1 if failed else 0
+    return 2 if failed else 0
 
 
 def cmd_demo(args) -> int:

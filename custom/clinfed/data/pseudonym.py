@@ -43,4 +43,6 @@ class Pseudonymiser:
             key = bytes.fromhex(path.read_text().strip())
         except ValueError:  # not text at all (UnicodeDecodeError) or not hex
             raise ConfigError(f"{path}: site key must be hex-encoded (64 hex characters)") from None
+        if len(key) < 16:
+            raise ConfigError(f"{path}: site pseudonymisation key is shorter than 16 bytes")
         return cls(key)
