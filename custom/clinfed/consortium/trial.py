@@ -268,8 +268,8 @@ def _job_meta(storage: Path) -> list[dict]:
             continue
         try:
             meta = json.loads(meta_file.read_bytes())
-        except (OSError, ValueError):
-            continue
+        except (OSError, ValueError) as err:  # listed, not dropped: the store itself is damaged
+            meta = {"job_id": folder.name, "status": f"UNKNOWN (unreadable {meta_file}: {err})"}
         jobs.append(meta)
     return sorted(jobs, key=lambda m: m.get("submit_time", 0))
 
