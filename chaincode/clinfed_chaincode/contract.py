@@ -6,7 +6,7 @@ Every record is canonical JSON (sorted keys, no spaces, UTF-8) under a composite
 record          composite key                               written by
 ==============  ==========================================  =============================
 consortium      ``consortium``                              the coordinator, once
-site key        ``sitekey / site``                          that site (X25519 public key)
+site key        ``sitekey / site``                          that site (X25519 public key, versioned)
 consent         ``consent / study / pseudonym``             the patient's site
 contribution    ``contribution / job / round / site``       that site
 global model    ``model / job / round``                     the coordinator
@@ -227,7 +227,10 @@ class ClinfedContract(Contract):
         return await self._write(ctx, key, stored, EVENT_CONSORTIUM)
 
     async def RegisterSiteKey(self, ctx: TransactionContext, site: str, public_key: str) -> str:
-        """A site publishes its X25519 public key (base64 of the 32 raw bytes) for mask agreement."""
+        """A site publishes its X25519 public key (base64 of the 32 raw bytes) for secure
+        aggregation. A new key is a rotation: the record's ``version`` goes up by one and the earlier
+        keys stay in the key's history. Sites pin the keys at the start of a job, so a key applies
+        from the next job on, never in the middle of one."""
         consortium = await self._consortium(ctx)
         self._require_site_caller(ctx, consortium, site, "register the masking key of")
         try:
@@ -241,7 +244,8 @@ class ClinfedContract(Contract):
         existing = await self._get(ctx, key)
         if existing is not None and existing["public_key"] == public_key:
             raise ChaincodeError(DUPLICATE, f"site {site} already registered this key (tx {existing['tx_id']})")
-        stored = {"type": K_SITE_KEY, "site": site, "public_key": public_key}
+        version = existing["version"] + 1 if existing is not None else 1
+        stored = {"type": K_SITE_KEY, "site": site, "public_key": public_key, "version": version}
         return await self._write(ctx, key, stored, EVENT_SITE_KEY)
 
     async def GetConsortium(self, ctx: TransactionContext) -> str:

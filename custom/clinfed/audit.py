@@ -37,7 +37,7 @@ def register_masking_key(ledger: ContractLedger, site: str, key_file: str | os.P
     public half on the ledger unless that exact key is registered already. Returns the public key
     (hex) and whether it was newly registered. A different registered key is replaced: the
     ledger keeps the old one in the key's history."""
-    from clinfed.privacy.masking import generate_private_key_file, load_private_key, public_key_bytes
+    from clinfed.privacy.secagg import generate_private_key_file, load_private_key, public_key_bytes
 
     key_file = Path(key_file)
     public = public_key_bytes(load_private_key(key_file)) if key_file.exists() else generate_private_key_file(key_file)

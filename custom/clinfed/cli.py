@@ -170,14 +170,21 @@ def cmd_consent_sync(args) -> int:
 
 def cmd_keys_register(args) -> int:
     from clinfed import audit
+    from clinfed.site_config import site_files
 
+    key_file = args.key_file
+    if key_file is None:
+        if not args.site_config:
+            raise ClinfedError("give --key-file, or --site-config to use the site's masking_key_file")
+        key_file = site_files(args.site, args.site_config.parent).masking_key_file
     with _open_ledger(args, args.site) as ledger:
-        public, new = audit.register_masking_key(ledger, args.site, args.key_file)
+        public, new = audit.register_masking_key(ledger, args.site, key_file)
     if args.json:
-        print(json.dumps({"site": args.site, "key_file": str(args.key_file), "public_key": public, "registered": new}))
+        print(json.dumps({"site": args.site, "key_file": str(key_file), "public_key": public, "registered": new}))
     else:
-        print(f"{args.site}: masking key {args.key_file} (public {public[:16]}...) "
-              + ("registered on the ledger" if new else "already registered on the ledger"))
+        print(f"{args.site}: masking key {key_file} (public {public[:16]}...) "
+              + ("registered on the ledger; it applies from the next job this site starts" if new
+                 else "already registered on the ledger"))
     return 0
 
 
@@ -314,11 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="the site's secure-masking key").add_subparsers(
         dest="keys_command", required=True)
     register = keys.add_parser("register", parents=[ledger_options],
-                               help="create the site's X25519 masking key if missing and publish its public half "
-                                    "on the ledger (peers derive pairwise masks from the registered keys)")
+                               help="create the site's X25519 masking key at the site if missing and publish its "
+                                    "public half on the ledger as the site (a new key applies from the next job)")
     register.add_argument("--site", required=True, help="the site's name in the consortium")
-    register.add_argument("--key-file", type=Path, required=True,
-                          help="the private key file (created mode 0600 if missing; the site's masking_key_file)")
+    register.add_argument("--key-file", type=Path,
+                          help="the private key file, created mode 0600 if missing (default: the site's "
+                               "masking_key_file from --site-config)")
     register.set_defaults(func=cmd_keys_register)
 
     audit = sub.add_parser("audit", help="read the audit ledger").add_subparsers(dest="audit_command", required=True)

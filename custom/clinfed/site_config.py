@@ -26,9 +26,10 @@ SITE_CONFIG_FILE = "clinfed_site.json"
 DATA_ROOT_ENV = "CLINFED_DATA_ROOT"
 MASKING_KEY_FILE = "masking_key.pem"
 PRIVACY_DIR_NAME = "clinfed_privacy"
-# The fields of clinfed_site.json: paths, and the ledger section (read by clinfed.ledger.settings).
+# The fields of clinfed_site.json: paths, the ledger section (read by clinfed.ledger.settings) and
+# the site's privacy policy (read by clinfed.privacy.policy).
 PATH_FIELDS = ("data_dir", "secret_file", "masking_key_file", "privacy_dir")
-SITE_CONFIG_FIELDS = (*PATH_FIELDS, "ledger")
+SITE_CONFIG_FIELDS = (*PATH_FIELDS, "ledger", "privacy")
 
 
 @dataclass(frozen=True)

@@ -106,8 +106,8 @@ def test_contribution_recorder_records_what_it_is_given_and_sends_it_unchanged(t
     data = _update()
     original = {k: v.copy() for k, v in data.items()}
     meta = {"n_samples": 9, "train_loss": 0.5, MetaKey.INITIAL_METRICS: {"dice": 0.25, "auc": None},
-            COHORT_META: {"n_train": 9, "n_validation": 2, "n_excluded": 1}, "dp_epsilon_total": 1.5,
-            "dp_delta": 1e-5}
+            COHORT_META: {"n_train": 9, "n_validation": 2, "n_excluded": 1}, "update_dp_epsilon_total": 1.5,
+            "update_dp_delta": 1e-5}
     shareable = DXO(DataKind.WEIGHT_DIFF, data=data, meta=meta).to_shareable()
     shareable.set_header(AppConstants.CURRENT_ROUND, 4)
     out = ContributionRecorder().process(shareable, _fl_ctx("site-1", tmp_path / "no_config"))

@@ -30,28 +30,35 @@ def write_consortium(path: Path, raw: dict) -> Path:
     return path
 
 
+# site-1's policy (consortium.yml) requires update-level DP of at least this noise, at most this clip.
+UPDATE_DP = {"mask_noise_multiplier": 1.0, "mask_clip_range": 0.5}
+
+
 def export_private_job(jobs_dir: Path, name: str = "tiny_private", num_rounds: int = 2,
-                       scope: str | None = "strict", num_clients: int = 2, train_timeout: int = 0) -> Path:
-    """A tiny private job: the server sums masked updates (``MaskedFedAvg``); the job asks for the
-    sites' ``strict`` scope, so each site's own policy applies update-level DP and masking."""
+                       scope: str | None = "strict", num_clients: int = 3, train_timeout: int = 0) -> Path:
+    """A tiny job with secure aggregation and update-level DP inside the mask, no DP-SGD, asking
+    for the sites' ``strict`` scope."""
     from nvflare.app_common.app_constant import AppConstants
     from nvflare.app_opt.pt.job_config.base_fed_job import BaseFedJob
     from nvflare.job_config.defs import FilterType
 
-    from clinfed.aggregators.masked_sum import MaskedFedAvg
+    from clinfed.executors.secagg_client import SecAggClient
     from clinfed.executors.seg_executor import SegExecutor
     from clinfed.filters.contribution_record import ContributionRecorder
     from clinfed.models.fusion_seg import FusionSegNet
+    from clinfed.privacy.secagg import SETUP_TASK, UNMASK_TASK
     from clinfed.widgets.ledger_recorder import LedgerRecorder
+    from clinfed.workflows.secagg_fedavg import SecAggFedAvg
 
-    job = BaseFedJob(initial_model=FusionSegNet(), name=name, min_clients=2, key_metric="dice")
+    job = BaseFedJob(initial_model=FusionSegNet(), name=name, min_clients=num_clients, key_metric="dice")
     persistor_id = job.comp_ids["persistor_id"]
-    # DP noise (sigma * C = 0.5 per coordinate) must fit in the masking range.
-    job.to_server(MaskedFedAvg(num_clients=num_clients, num_rounds=num_rounds, persistor_id=persistor_id,
-                               clip_range=8.0, weight_bound=1e3, train_timeout=train_timeout))
-    job.to_server(LedgerRecorder(persistor_id=persistor_id, aggregation="masked_weighted_fedavg"),
-                  id="ledger_recorder")
-    job.to_clients(SegExecutor(local_epochs=1, batch_size=2, lr=2e-3, roi=list(ROI)), tasks=["train", "validate"])
+    job.to_server(SecAggFedAvg(num_clients=num_clients, num_rounds=num_rounds, persistor_id=persistor_id,
+                               encoding="dp", clip=UPDATE_DP["mask_clip_range"], weight_bound=1e3,
+                               noise_multiplier=UPDATE_DP["mask_noise_multiplier"], train_timeout=train_timeout))
+    job.to_server({"server": {"task_request_interval": 0.1}})
+    job.to_server(LedgerRecorder(persistor_id=persistor_id, aggregation="secagg_fedavg"), id="ledger_recorder")
+    trainer = SegExecutor(local_epochs=1, batch_size=2, lr=2e-3, roi=list(ROI))
+    job.to_clients(SecAggClient(trainer=trainer), tasks=["train", "validate", SETUP_TASK, UNMASK_TASK])
     job.to_clients(ContributionRecorder(), filter_type=FilterType.TASK_RESULT, tasks=[AppConstants.TASK_TRAIN])
     job.set_app_packages(["clinfed", "fhir_adapter"])
     job.export_job(str(jobs_dir))
@@ -61,12 +68,11 @@ def export_private_job(jobs_dir: Path, name: str = "tiny_private", num_rounds: i
 def export_tumour_seg_private(jobs_dir: Path, name: str = "tiny_tumour_seg_private", num_rounds: int = 2,
                               scope: str | None = None) -> Path:
     """A tiny variant of ``jobs/tumour_seg_private`` (the same recipe, ``privacy="dp+mask"``): DP-SGD
-    in the executor, the job's own masking filters, ``MaskedFedAvg`` at the server."""
+    in the executor, secure aggregation with the update-level DP site-1 requires."""
     from clinfed.jobs.tumour_seg import TumourSegFedAvgRecipe
 
-    # The range covers a strict site's update-level DP noise (sigma * C = 0.5 per coordinate).
-    recipe = TumourSegFedAvgRecipe(name=name, min_clients=2, num_rounds=num_rounds, local_epochs=1, batch_size=2,
-                                   roi=ROI, privacy="dp+mask", mask_clip_range=4.0, mask_weight_bound=1e3)
+    recipe = TumourSegFedAvgRecipe(name=name, min_clients=3, num_rounds=num_rounds, local_epochs=1, batch_size=2,
+                                   roi=ROI, privacy="dp+mask", mask_weight_bound=1e3, **UPDATE_DP)
     recipe.export(str(jobs_dir))
     return set_scope(jobs_dir / name, scope)
 
@@ -75,7 +81,7 @@ def export_plain_job(jobs_dir: Path, name: str = "tiny_plain", num_rounds: int =
     """The plain FedAvg job (no privacy filters of its own), tiny."""
     from clinfed.jobs.tumour_seg import TumourSegFedAvgRecipe
 
-    recipe = TumourSegFedAvgRecipe(name=name, min_clients=2, num_rounds=num_rounds, local_epochs=1, batch_size=2,
+    recipe = TumourSegFedAvgRecipe(name=name, min_clients=3, num_rounds=num_rounds, local_epochs=1, batch_size=2,
                                    roi=ROI, cross_site_eval=False)
     recipe.export(str(jobs_dir))
     return set_scope(jobs_dir / name, scope)

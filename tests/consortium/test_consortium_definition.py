@@ -16,11 +16,13 @@ from clinfed.errors import ConfigError
 
 def test_committed_consortium_file_is_valid():
     c = load_consortium(CONSORTIUM_YML)
-    assert c.site_names == ["site-1", "site-2", "site-3"]
+    assert c.site_names == ["site-1", "site-2", "site-3", "site-4"]
     assert c.study == "clinfed-tumour-seg"
     assert c.site("site-1").privacy.scopes == ("strict",) and c.site("site-1").privacy.default_scope == "strict"
     assert {a.role for a in c.admins} == {"lead", "member"}
-    assert [s.msp_id for s in c.sites] == ["Site1MSP", "Site2MSP", "Site3MSP"]
+    assert [s.msp_id for s in c.sites] == ["Site1MSP", "Site2MSP", "Site3MSP", "Site4MSP"]
+    assert c.site("site-1").privacy.update_dp.noise_multiplier == 1.0 and c.site("site-2").privacy.update_dp is None
+    assert c.site("site-2").privacy.min_participants == 3
 
 
 def _mutated(change) -> dict:
@@ -30,26 +32,33 @@ def _mutated(change) -> dict:
 
 
 BAD_DEFINITIONS = [
-    ("duplicate site", lambda r: r["sites"].append(copy.deepcopy(r["sites"][0])), "sites[3].name", "duplicate site"),
+    ("duplicate site", lambda r: r["sites"].append(copy.deepcopy(r["sites"][0])), "sites[4].name", "duplicate site"),
     ("unknown role", lambda r: r["admins"][1].update(role="superuser"), "admins[1].role", "unknown role"),
     ("missing site org", lambda r: r["sites"][1].pop("org"), "sites[1].org", "missing"),
     ("undeclared site org", lambda r: r["sites"][2].update(org="hospital_9"), "sites[2].org", "not declared"),
     ("missing admin org", lambda r: r["admins"][0].pop("org"), "admins[0].org", "missing"),
     ("missing coordinator org", lambda r: r["coordinator"].pop("org"), "coordinator.org", "missing"),
-    ("zero budget", lambda r: r["sites"][0]["privacy"]["budget"].update(target_epsilon=0),
-     "sites[0].privacy.budget.target_epsilon", "> 0"),
-    ("negative noise", lambda r: r["sites"][1]["privacy"]["budget"].update(noise_multiplier=-1.0),
-     "sites[1].privacy.budget.noise_multiplier", "> 0"),
-    ("negative clip", lambda r: r["sites"][2]["privacy"]["budget"].update(clip_norm=-0.5),
-     "sites[2].privacy.budget.clip_norm", "> 0"),
-    ("delta >= 1", lambda r: r["sites"][0]["privacy"]["budget"].update(delta=1.0), "sites[0].privacy.budget.delta",
-     "(0, 1)"),
+    ("zero update-DP budget", lambda r: r["sites"][0]["privacy"]["update_dp"].update(epsilon=0),
+     "sites[0].privacy.update_dp.epsilon", "> 0"),
+    ("negative noise", lambda r: r["sites"][0]["privacy"]["update_dp"].update(noise_multiplier=-1.0),
+     "sites[0].privacy.update_dp.noise_multiplier", "> 0"),
+    ("missing clip", lambda r: r["sites"][0]["privacy"]["update_dp"].pop("clip_norm"),
+     "sites[0].privacy.update_dp.clip_norm", "must be a number"),
+    ("delta >= 1", lambda r: r["sites"][0]["privacy"]["update_dp"].update(delta=1.0),
+     "sites[0].privacy.update_dp.delta", "(0, 1)"),
+    ("unknown noise mode", lambda r: r["sites"][0]["privacy"]["update_dp"].update(noise="central"),
+     "sites[0].privacy.update_dp.noise", "'distributed' or 'local'"),
+    ("minimum of one site", lambda r: r["sites"][1]["privacy"].update(secure_aggregation={"min_participants": 1}),
+     "sites[1].privacy.secure_aggregation.min_participants", ">= 2"),
+    ("threshold of half", lambda r: r["sites"][1]["privacy"].update(
+        secure_aggregation={"min_threshold_fraction": 0.4}),
+     "sites[1].privacy.secure_aggregation.min_threshold_fraction", "[0.5, 1)"),
     ("unknown scope", lambda r: r["sites"][0]["privacy"].update(scopes=["strict", "lenient"]),
      "sites[0].privacy.scopes[1]", "unknown scope"),
     ("default scope not defined", lambda r: r["sites"][1]["privacy"].update(default_scope="none"),
      "sites[1].privacy.default_scope", "not one of"),
     ("no lead", lambda r: r["admins"][0].update(role="member"), "admins", "lead"),
-    ("duplicate org", lambda r: r["orgs"].append({"name": "hospital_1"}), "orgs[4].name", "duplicate org"),
+    ("duplicate org", lambda r: r["orgs"].append({"name": "hospital_1"}), "orgs[5].name", "duplicate org"),
     ("bad org name for FLARE", lambda r: r["orgs"][1].update(name="hospital-1"), "orgs[1].name", "not a valid"),
     ("bad admin name", lambda r: r["admins"][0].update(name="lead"), "admins[0].name", "not a valid"),
     ("site named like coordinator", lambda r: r["sites"][0].update(name="server"), "sites[0].name", "coordinator"),
@@ -94,7 +103,7 @@ def test_project_yml_has_every_participant_with_its_org_and_role():
     by_name = {p["name"]: p for p in project["participants"]}
     assert by_name["server"] == {"name": "server", "type": "server", "org": "coordinator", "fed_learn_port": 8102,
                                  "default_host": "localhost"}
-    assert [by_name[s]["type"] for s in c.site_names] == ["client"] * 3
+    assert [by_name[s]["type"] for s in c.site_names] == ["client"] * 4
     assert by_name["site-2"]["org"] == "hospital_2"
     assert by_name["lead@coordinator.org"]["role"] == "lead"
     assert by_name["member@hospital-1.org"] == {"name": "member@hospital-1.org", "type": "admin",
@@ -125,21 +134,21 @@ def test_authorization_refuses_byoc_to_everyone_and_submission_to_members():
     assert permissions["org_admin"]["submit_job"] == "none"
 
 
-def test_strict_scope_applies_dp_then_masking_then_the_release_guard():
+def test_strict_scope_is_the_release_guard_and_the_policy_goes_to_the_site_config():
     c = load_consortium(CONSORTIUM_YML)
     policy = local_files.privacy(c.site("site-1"), c.study)
     assert policy["default_scope"] == "strict" and [s["name"] for s in policy["scopes"]] == ["strict"]
     strict = policy["scopes"][0]
-    assert [f["path"] for f in strict["task_result_filters"]] == [local_files.UPDATE_DP_FILTER,
-                                                                  local_files.SECURE_MASK_FILTER,
-                                                                  local_files.RELEASE_GUARD_FILTER]
-    assert [f["path"] for f in strict["task_data_filters"]] == [local_files.SECURE_MASK_FILTER]
-    assert strict["task_result_filters"][0]["args"] == {"noise_multiplier": 1.0, "clip_norm": 0.5,
-                                                        "target_epsilon": 20.0, "delta": 1e-5,
-                                                        "study": "clinfed-tumour-seg"}
+    assert [f["path"] for f in strict["task_result_filters"]] == [local_files.RELEASE_GUARD_FILTER]
     public = local_files.privacy(c.site("site-2"), c.study)
     assert public["default_scope"] == "public" and [s["name"] for s in public["scopes"]] == ["public", "strict"]
     assert public["scopes"][0]["task_result_filters"] == [] and public["scopes"][0]["task_data_filters"] == []
+    # What the site requires of secure aggregation lives in its own clinfed_site.json.
+    from clinfed.privacy.policy import parse_policy
+
+    site1 = parse_policy(local_files.site_config(c, "site-1", None)["privacy"], "site-1")
+    assert site1.secagg.min_participants == 3 and site1.update_dp[c.study].requirement.noise_multiplier == 1.0
+    assert parse_policy(local_files.site_config(c, "site-2", None)["privacy"], "site-2").update_dp == {}
 
 
 def test_generated_privacy_json_loads_in_flare(tmp_path):
@@ -147,9 +156,7 @@ def test_generated_privacy_json_loads_in_flare(tmp_path):
     from nvflare.apis.workspace import Workspace
     from nvflare.private.fed.app.fl_conf import create_privacy_manager
 
-    from clinfed.consortium.release_guard import ReleaseGuard
-    from clinfed.filters.secure_mask import SecureMaskFilter
-    from clinfed.filters.update_dp import UpdateDPFilter
+    from clinfed.filters.release_guard import ReleaseGuard
 
     c = load_consortium(CONSORTIUM_YML)
     (tmp_path / "startup").mkdir()
@@ -158,8 +165,7 @@ def test_generated_privacy_json_loads_in_flare(tmp_path):
     assert manager.is_policy_defined()
     assert manager.get_scope(None).name == "public"
     strict = manager.get_scope("strict")
-    assert [type(f) for f in strict.task_result_filters["out"]] == [UpdateDPFilter, SecureMaskFilter, ReleaseGuard]
-    assert [type(f) for f in strict.task_data_filters["in"]] == [SecureMaskFilter]
+    assert [type(f) for f in strict.task_result_filters["out"]] == [ReleaseGuard]
     assert manager.get_scope("lenient") is None
 
 
@@ -193,11 +199,11 @@ def test_site_config_and_fabric_mapping(tmp_path):
     server = local_files.site_config(c, "coordinator", tmp_path / "ledger.sqlite")
     assert "data_dir" not in server and server["ledger"]["msp_id"] == "CoordinatorMSP"
     orgs = local_files.fabric_orgs(c)
-    assert orgs["fabric_network_sites"] == "site-1,site-2,site-3"
+    assert orgs["fabric_network_sites"] == "site-1,site-2,site-3,site-4"
     assert orgs["coordinator"]["msp_id"] == "CoordinatorMSP"
-    assert [s["fabric_org"] for s in orgs["sites"]] == ["Site1", "Site2", "Site3"]
+    assert [s["fabric_org"] for s in orgs["sites"]] == ["Site1", "Site2", "Site3", "Site4"]
     assert local_files.flare_to_fabric(c) == {"server": "CoordinatorMSP", "site-1": "Site1MSP",
-                                              "site-2": "Site2MSP", "site-3": "Site3MSP"}
+                                              "site-2": "Site2MSP", "site-3": "Site3MSP", "site-4": "Site4MSP"}
 
 
 def test_fabric_ledger_needs_each_participants_peer():
@@ -210,8 +216,8 @@ def test_fabric_ledger_needs_each_participants_peer():
 
 
 def test_cli_refuses_a_bad_definition_with_exit_2(tmp_path, capsys):
-    path = write_consortium(tmp_path / "c.yml", _mutated(lambda r: r["sites"][0]["privacy"]["budget"].update(
-        target_epsilon=-1)))
+    path = write_consortium(tmp_path / "c.yml", _mutated(lambda r: r["sites"][0]["privacy"]["update_dp"].update(
+        epsilon=-1)))
     assert main(["consortium", "provision", str(path), "--out", str(tmp_path / "out")]) == 2
-    assert "field 'sites[0].privacy.budget.target_epsilon': must be > 0" in capsys.readouterr().err
+    assert "field 'sites[0].privacy.update_dp.epsilon': must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -1,8 +1,9 @@
-"""A real consortium on this machine: provisioned from consortium.yml, server and two sites as
+"""A real consortium on this machine: provisioned from consortium.yml, server and three sites as
 separate FLARE processes started from their startup kits, jobs submitted through the FLARE API.
 
-site-1 accepts only the strict scope (update-level DP + secure masking + release guard);
-site-2 accepts public and strict, public by default.
+site-1 accepts only the strict scope (nothing but masked inputs of secure aggregation leaves it)
+and requires update-level DP inside the mask; the others accept public and strict, public by
+default. Every site makes its own masking key and registers it on the ledger itself.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from clinfed.consortium.cli import add_consortium_commands
 from clinfed.consortium.provision import load_state
 from clinfed.ledger.settings import COORDINATOR, ledger_settings
 
-SITES = ["site-1", "site-2"]
+SITES = ["site-1", "site-2", "site-3"]
 # After the last round the server waits this long for a stopped site's end-of-run report.
 OUTCOME_WAIT = 15
 pytestmark = pytest.mark.timeout(900)
@@ -59,7 +60,7 @@ def consortium(tmp_path_factory):
     out, data = root / "trial", root / "data"
     # 10 patients a site: the validation split follows pseudonyms keyed by a fresh random secret,
     # and with 6 (4 usable) a site drew all of them into validation now and then (no one to train).
-    synthesise(data, 3, 10, (32, 32, 16), 1)
+    synthesise(data, 4, 10, (32, 32, 16), 1)
     definition = consortium_dict()
     definition["coordinator"]["client_outcome_wait_timeout"] = OUTCOME_WAIT
     consortium_yml = write_consortium(root / "consortium.yml", definition)
@@ -71,8 +72,12 @@ def consortium(tmp_path_factory):
     assert args.func(args) == 0
     provision_seconds = time.monotonic() - started
     state = load_state(out)
-    # Each site publishes its patients' consents to the ledger, as itself.
-    for site in [*SITES, "site-3"]:
+    from clinfed.cli import main
+
+    # Each site, as itself: creates and registers its masking key, publishes its patients' consents.
+    for site in state["sites"]:
+        site_config = Path(state["kits"][site]) / "local" / "clinfed_site.json"
+        assert main(["keys", "register", "--site", site, "--site-config", str(site_config), "--json"]) == 0
         with _site_ledger(state, site) as ledger:
             assert audit.sync_consents(data / site, ledger, site).active > 0
     try:
@@ -85,32 +90,32 @@ def consortium(tmp_path_factory):
 
 def test_provisioned_kits_hold_the_site_policies(consortium):
     out, state = consortium["out"], consortium["state"]
-    assert state["sites"] == ["site-1", "site-2", "site-3"] and state["leads"] == [LEAD]
+    assert state["sites"] == ["site-1", "site-2", "site-3", "site-4"] and state["leads"] == [LEAD]
     for name in [state["server"], *state["sites"], LEAD, MEMBER]:
         assert (Path(state["kits"][name]) / "startup").is_dir(), name
     site1 = Path(state["kits"]["site-1"]) / "local"
+    # Made by the site itself (the fixture ran `clinfed keys register` as each site), not provisioning.
     assert (site1 / "masking_key.pem").stat().st_mode & 0o777 == 0o600
     assert json.loads((site1 / "privacy.json").read_text())["default_scope"] == "strict"
     assert json.loads((site1 / "authorization.json").read_text())["permissions"]["lead"]["byoc"] == "none"
     assert "clinfed." in json.loads((site1 / "resources.json").read_text())["class_allow_list"]
     site_config = json.loads((site1 / "clinfed_site.json").read_text())
     assert site_config["data_dir"] == str(consortium["data"].resolve() / "site-1")
+    assert site_config["privacy"]["studies"][state["study"]]["update_dp"]["noise_multiplier"] == 1.0
     server_resources = (Path(state["kits"][state["server"]]) / "local" / "resources.json").read_text()
     assert "/tmp/nvflare" not in server_resources and state["server_storage"] in server_resources
-    keys = json.loads((out / "site_keys.json").read_text())
-    assert sorted(keys) == state["sites"]
-    with _site_ledger(state, "site-2") as ledger:  # registered on the ledger, as each site
+    with _site_ledger(state, "site-2") as ledger:  # registered on the ledger, each by its site
         registered = ledger.site_keys()
     assert sorted(registered) == state["sites"]
+    assert {k.recorded_by for k in registered.values()} == {f"Site{i}MSP" for i in range(1, 5)}
     assert json.loads((out / "fabric" / "flare_to_fabric.json").read_text())["site-2"] == "Site2MSP"
     print(f"provisioning {consortium['provision_seconds']:.1f} s; start to sites connected "
           f"{consortium['up_seconds']:.1f} s")
 
 
 def test_private_job_through_the_flare_api_and_each_site_verifies_it(consortium, tmp_path, capsys):
-    """A tiny ``jobs/tumour_seg_private`` (DP-SGD, the job's own masking, masked sum at the server),
-    naming no scope: site-1 adds its strict scope (update-level DP + masking) on top, site-2 runs
-    the job as it is (public)."""
+    """A tiny ``jobs/tumour_seg_private`` (DP-SGD, secure aggregation with update-level DP inside
+    the mask) naming no scope: site-1 runs it under its strict scope, the others as it is."""
     out, state = consortium["out"], consortium["state"]
     job_dir = export_tumour_seg_private(tmp_path / "jobs", num_rounds=2)
     job_id, meta, seconds = _run(out, job_dir)
@@ -128,13 +133,12 @@ def test_private_job_through_the_flare_api_and_each_site_verifies_it(consortium,
             assert verified.matched_rounds == [1]
     with _site_ledger(state, "site-1") as ledger:
         rows = audit.contributions(ledger, job_id)
-    assert sorted((r["round"], r["site"]) for r in rows) == [(0, "site-1"), (0, "site-2"), (1, "site-1"),
-                                                             (1, "site-2")]
-    assert all(r.get("epsilon") for r in rows), rows  # DP spend recorded at both sites
-    # site-1's strict scope masked the update before the job's recorder hashed it.
-    assert {r["hash_stage"] for r in rows if r["site"] == "site-1"} == {"after_masking"}, rows
+    assert sorted((r["round"], r["site"]) for r in rows) == [(r, s) for r in (0, 1) for s in SITES]
+    assert all(r.get("epsilon") for r in rows), rows  # DP spend recorded at every site
+    # What each site recorded is the masked input it sent.
+    assert {r["hash_stage"] for r in rows} == {"after_masking"}, rows
     site1_log = "\n".join(p.read_text(errors="replace") for p in (Path(state["kits"]["site-1"]) / job_id).rglob("log.txt"))
-    assert "UpdateDPFilter" in site1_log and "masked update for round 1" in site1_log
+    assert "round 1: update-level DP (site level" in site1_log and "round 1: masked input sent" in site1_log
 
     # The site operator's command, with the site's own configuration and identity.
     from clinfed.cli import main
@@ -152,8 +156,8 @@ def test_private_job_through_the_flare_api_and_each_site_verifies_it(consortium,
 
 
 def test_job_asking_for_the_strict_scope_gets_it_at_every_site(consortium, tmp_path):
-    """A job that asks for ``strict`` (meta ``scope``) and has no privacy filters of its own: both
-    sites apply update-level DP and masking from their own policy; the server sums masked updates."""
+    """A job that asks for ``strict`` (meta ``scope``): every site's guard lets out only masked
+    inputs, and the server opens only their sum."""
     out, state = consortium["out"], consortium["state"]
     job_dir = export_private_job(tmp_path / "jobs", num_rounds=1, scope="strict")
     job_id, meta, _ = _run(out, job_dir)
@@ -276,9 +280,9 @@ def test_member_cannot_submit(consortium, tmp_path):
 
 
 def test_strict_site_releases_nothing_unmasked_for_a_job_without_privacy(consortium, tmp_path):
-    """A plain FedAvg job names no scope and has no privacy filters; site-1's default (strict)
-    scope still applies DP, then masking, which has no round participant list to mask against, so
-    site-1 sends an error reply: the server receives no update of site-1 at all."""
+    """A plain FedAvg job names no scope and has no secure aggregation; site-1's default (strict)
+    scope's guard replaces its weight difference by an error reply: the server receives no update
+    of site-1 at all."""
     out, state = consortium["out"], consortium["state"]
     job_dir = export_plain_job(tmp_path / "jobs", name="tiny_plain", num_rounds=1)
     job_id, meta, _ = _run(out, job_dir)
@@ -303,9 +307,9 @@ def test_site_provisioned_elsewhere_cannot_connect(consortium, tmp_path):
     out, state = consortium["out"], consortium["state"]
     # Same consortium file, same server address, but another provisioning: another root CA.
     other = provision(CONSORTIUM_YML, tmp_path / "other", port=state["port"])
-    outsider = trial.start_participant(other.out, other.kit("site-3"), "site-3")
+    outsider = trial.start_participant(other.out, other.kit("site-4"), "site-4")
     try:
-        log = other.out / "run" / "site-3.out"
+        log = other.out / "run" / "site-4.out"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and "CERTIFICATE_VERIFY_FAILED" not in log.read_text(errors="replace"):
             time.sleep(1)
@@ -317,11 +321,11 @@ def test_site_provisioned_elsewhere_cannot_connect(consortium, tmp_path):
 
 
 def test_site_stopped_mid_job_the_others_finish_and_the_ledger_shows_the_absence(consortium, tmp_path):
-    """site-3 joins, trains round 0, and is stopped; the masked round 1 misses its update, is redone
-    with site-1 and site-2 (min 2), and the ledger records site-3 as absent."""
+    """site-4 joins, trains round 0, and is stopped; round 1 opens from the other three (SecAgg
+    dropout recovery: no one retrains or uploads twice), and the ledger records site-4 as absent."""
     out, state = consortium["out"], consortium["state"]
-    trial.up(out, sites=[*SITES, "site-3"], timeout=120)
-    job_dir = export_private_job(tmp_path / "jobs", name="tiny_dropout", num_rounds=2, num_clients=3,
+    trial.up(out, sites=[*SITES, "site-4"], timeout=120)
+    job_dir = export_private_job(tmp_path / "jobs", name="tiny_dropout", num_rounds=2, num_clients=4,
                                  train_timeout=20)
     with trial.admin_session(out) as session:
         started = time.monotonic()
@@ -330,7 +334,7 @@ def test_site_stopped_mid_job_the_others_finish_and_the_ledger_shows_the_absence
             while not audit.models(ledger, job_id):
                 assert time.monotonic() - started < 300, "round 0 never finished"
                 time.sleep(0.5)
-        trial.down(out, ["site-3"])
+        trial.down(out, ["site-4"])
         session.monitor_job(job_id, timeout=420, poll_interval=1.0)
         meta = session.get_job_meta(job_id)
     assert meta["status"] == "FINISHED:COMPLETED", trial.status_text(trial.status(out, query_server=False))
@@ -338,7 +342,7 @@ def test_site_stopped_mid_job_the_others_finish_and_the_ledger_shows_the_absence
         rounds = audit.models(ledger, job_id)
         verified = audit.verify(ledger, job_id)
     assert verified.ok, verified.job.problems
-    assert rounds[0]["participants"] == ["site-1", "site-2", "site-3"] and rounds[0]["absent"] == []
-    assert rounds[1]["participants"] == ["site-1", "site-2"]
-    assert [a["site"] for a in rounds[1]["absent"]] == ["site-3"]
+    assert rounds[0]["participants"] == [*SITES, "site-4"] and rounds[0]["absent"] == []
+    assert rounds[1]["participants"] == SITES
+    assert [a["site"] for a in rounds[1]["absent"]] == ["site-4"]
     print(f"dropout job: submit to finished {time.monotonic() - started:.1f} s")

@@ -83,17 +83,17 @@ def test_alias_bomb_is_refused_within_a_second_and_100_mb(tmp_path, capsys):
 
 
 def test_the_bound_is_on_expansion_not_on_the_use_of_anchors(tmp_path):
-    """One level less than a bomb, anchors for a repeated privacy block: accepted. The opponent's
-    bomb above is refused by the same rule, not by a ban on aliases."""
-    budget = "budget: {target_epsilon: 20.0, delta: 1.0e-5, noise_multiplier: 1.0, clip_norm: 0.5}"
-    text = COMMITTED.replace(f"      {budget}\n", f"      budget: &budget {{target_epsilon: 20.0, delta: 1.0e-5, "
-                                                f"noise_multiplier: 1.0, clip_norm: 0.5}}\n", 1)
-    text = text.replace(f"      {budget}\n", "      budget: *budget\n")
-    assert text.count("*budget") == 2
+    """Anchors for a repeated privacy block: accepted. The opponent's bomb above is refused by the
+    expansion bound, not by a ban on aliases."""
+    block = "    privacy:\n      scopes: [public, strict]\n      default_scope: public\n"
+    assert COMMITTED.count(block) == 3
+    text = COMMITTED.replace(block, "    privacy: &open\n      scopes: [public, strict]\n      default_scope: public\n", 1)
+    text = text.replace(block, "    privacy: *open\n")
+    assert text.count("*open") == 2
     path = tmp_path / "anchors.yml"
     path.write_text(text)
     consortium = load_consortium(path)
-    assert consortium.site("site-3").privacy.budget == consortium.site("site-1").privacy.budget
+    assert consortium.site("site-4").privacy == consortium.site("site-2").privacy
     # A merge key overriding one field of an anchored block.
     (tmp_path / "merge.yml").write_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  y: 3\n")
     assert load_yaml(tmp_path / "merge.yml")["other"] == {"x": 1, "y": 3}

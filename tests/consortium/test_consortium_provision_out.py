@@ -67,7 +67,7 @@ def test_interrupted_provisioning_empties_the_folder_it_was_given_which_then_pro
     # The same empty folder provisions now (an empty --out is accepted).
     code, err = _provision(capsys, out)
     assert code == 0, err
-    assert json.loads((out / "provisioning.json").read_text())["sites"] == ["site-1", "site-2", "site-3"]
+    assert json.loads((out / "provisioning.json").read_text())["sites"] == ["site-1", "site-2", "site-3", "site-4"]
     # ... and is refused a second time, naming the earlier provisioning.
     code, err = _provision(capsys, out)
     assert code == 2 and "it holds an earlier provisioning" in err

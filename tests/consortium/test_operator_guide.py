@@ -18,8 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-from consortium_helpers import CONSORTIUM_YML, free_port
+from consortium_helpers import CONSORTIUM_YML, export_tumour_seg_private, free_port
 from phi_scan import identifiers_in_input, leaks_in_text, leaks_in_tree
+
+from clinfed.jobs.tumour_seg import PRIVATE_JOB_NAME
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(900)
@@ -39,8 +41,8 @@ def made_absolute(code: str, work: Path) -> str:
 
 
 def with_test_settings(code: str, port: int) -> str:
-    replacements = {"clinfed data synth --out data/ --sites 3":
-                    "clinfed data synth --out data/ --sites 3 --patients 10 --shape 32,32,16 --seed 1",
+    replacements = {"clinfed data synth --out data/ --sites 4":
+                    "clinfed data synth --out data/ --sites 4 --patients 10 --shape 32,32,16 --seed 1",
                     "--port 8102": f"--port {port}"}
     for old, new in replacements.items():
         code = code.replace(old, new)
@@ -53,24 +55,16 @@ def test_snippets_are_the_ones_this_test_adapts():
     languages = [language for language, _ in snippets]
     assert languages.count("python") == 1 and languages.count("bash") >= 7, languages
     text = "\n".join(code for _, code in snippets)
-    for needed in ("clinfed data synth --out data/ --sites 3\n", "--port 8102", "jobs/tumour_seg_private",
+    for needed in ("clinfed data synth --out data/ --sites 4\n", "--port 8102", "jobs/tumour_seg_private",
                    "consortium up consortium/", "consortium down consortium/", "session.submit_job(str(Path("):
         assert needed in text, needed
-
-
-def _tiny_private_job(jobs_dir: Path) -> None:
-    from clinfed.jobs.tumour_seg import PRIVATE_JOB_NAME, TumourSegFedAvgRecipe
-
-    # The range covers site-1's strict scope's update-level DP noise (sigma * C = 0.5 per coordinate).
-    TumourSegFedAvgRecipe(name=PRIVATE_JOB_NAME, num_rounds=1, local_epochs=1, batch_size=2, roi=(32, 32, 16),
-                          privacy="dp+mask", mask_clip_range=4.0, mask_weight_bound=1e3).export(str(jobs_dir))
 
 
 def test_operator_guide_runs_as_written_and_leaks_no_identifier(tmp_path):
     work = tmp_path / "guide"
     (work / "provisioning").mkdir(parents=True)
     shutil.copyfile(CONSORTIUM_YML, work / "provisioning" / "consortium.yml")
-    _tiny_private_job(work / "jobs")
+    export_tumour_seg_private(work / "jobs", name=PRIVATE_JOB_NAME, num_rounds=1)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "OMP_NUM_THREADS": "1"}
     for name in ("CLINFED_LEDGER", "CLINFED_DATA_ROOT", "CLINFED_JOB_ID"):
@@ -102,7 +96,7 @@ def test_operator_guide_runs_as_written_and_leaks_no_identifier(tmp_path):
     # The leak scan: the sites' identifiers against everything the run printed or wrote.
     sites = sorted(p for p in (work / "data").iterdir() if p.is_dir())
     identifiers = set().union(*(identifiers_in_input(site) for site in sites))
-    assert len(sites) == 3 and len(identifiers) > 300
+    assert len(sites) == 4 and len(identifiers) > 400
     assert leaks_in_text(identifiers, output) == set()
     written = leaks_in_tree(identifiers, work / "consortium")
     written.update(leaks_in_tree(identifiers, Path(env["RESULT"])))

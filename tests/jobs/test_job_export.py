@@ -45,20 +45,21 @@ def test_changed_definition_is_detected(tmp_path):
                            shallow=False)
 
 
-def test_private_job_masks_with_dp_sgd_and_has_no_cross_site_evaluation(tmp_path):
+def test_private_job_runs_secure_aggregation_around_dp_sgd_and_has_no_cross_site_evaluation(tmp_path):
     job_dir = next(d for d in export_jobs(tmp_path) if d.name == "tumour_seg_private")
     assert not (job_dir / "app" / "custom").exists(), "a job with app/custom is BYOC"
     client = json.loads((job_dir / "app" / "config" / "config_fed_client.json").read_text())
     server = json.loads((job_dir / "app" / "config" / "config_fed_server.json").read_text())
     executor = client["executors"][0]
-    assert executor["executor"]["args"]["dp_target_epsilon"] > 0
+    assert executor["executor"]["path"] == "clinfed.executors.secagg_client.SecAggClient"
+    trainer = executor["executor"]["args"]["trainer"]
+    assert trainer["path"] == "clinfed.executors.seg_executor.SegExecutor"
+    assert trainer["args"]["dp_target_epsilon"] > 0
     # submit_model would send a site's local model in clear: a masked job does not serve it.
-    assert "submit_model" not in executor["tasks"]
-    paths = [w["path"] for w in server["workflows"]]
-    assert paths == ["clinfed.aggregators.masked_sum.MaskedFedAvg"], paths
-    mask = "clinfed.filters.secure_mask.SecureMaskFilter"
+    assert sorted(executor["tasks"]) == ["secagg_setup", "secagg_unmask", "train", "validate"]
+    assert [w["path"] for w in server["workflows"]] == ["clinfed.workflows.secagg_fedavg.SecAggFedAvg"]
+    # Sites ask for their next task 0.1 s after the last, not FLARE's 2 s: a round is three tasks.
+    assert server["server"]["task_request_interval"] == 0.1
+    # The contribution record hashes the bytes the site sends: the masked input.
     result_filters = [f["path"] for group in client["task_result_filters"] for f in group["filters"]]
-    # The contribution is recorded before masking (one hash per round, whatever the redo), and
-    # masking is the last thing that happens to the update at the site.
-    assert result_filters == ["clinfed.filters.contribution_record.ContributionRecorder", mask]
-    assert [f["path"] for group in client["task_data_filters"] for f in group["filters"]] == [mask]
+    assert result_filters == ["clinfed.filters.contribution_record.ContributionRecorder"]

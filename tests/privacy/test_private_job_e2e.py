@@ -1,8 +1,9 @@
-"""The private job (DP-SGD + secure masking) end to end in real FLARE simulator processes.
+"""The private job (DP-SGD + secure aggregation) end to end in real FLARE simulator processes.
 
-Three sites; site-3 spent its DP budget for the study in an earlier job, so it declines every
-train task. Each round's first masked attempt therefore cannot be opened, the server redoes it
-with site-1 and site-2 (fresh masks), and the job ends with a model the ledger verifies.
+Four sites; site-3 spent its DP budget for the study in an earlier job, so it declines every
+train task after taking part in setup. Each round opens from the other three (the SecAgg dropout
+path: site-3's masks are removed from its shares, nobody trains or uploads twice), and the job
+ends with a model the ledger verifies.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from clinfed.ledger.settings import COORDINATOR, ledger_settings
 from clinfed.privacy.accounting import PrivacyBudget, budget_file
 from clinfed.site_config import PRIVACY_DIR_NAME
 
-SITES = ["site-1", "site-2", "site-3"]
+SITES = ["site-1", "site-2", "site-3", "site-4"]
+SURVIVORS = ["site-1", "site-2", "site-4"]
 TARGET_EPSILON = 8.0
-CONFIG = DemoConfig(sites=3, patients=8, shape=(32, 32, 16), seed=3, rounds=2, local_epochs=1, lr=2e-3,
+CONFIG = DemoConfig(sites=4, patients=8, shape=(32, 32, 16), seed=3, rounds=2, local_epochs=1, lr=2e-3,
                     privacy="dp+mask", dp_target_epsilon=TARGET_EPSILON)
 
 
@@ -50,21 +52,20 @@ def _logs(root, participant: str) -> str:
                      if participant in p.parts)
 
 
-def test_declining_site_is_left_out_and_the_masked_rounds_are_redone(private_run):
+def test_declining_site_drops_out_and_each_round_opens_from_the_others(private_run):
     root, ledger_path, job_id, server_dir = private_run
     assert "declining the train task" in _logs(root, "site-3")
     assert "already spent" in _logs(root, "site-3")
     server_log = _logs(root, "server")
     for round_ in (0, 1):
-        assert f"redoing round {round_} with ['site-1', 'site-2']" in server_log
+        assert f"round {round_}: sum of {SURVIVORS} opened (dropped: ['site-3'])" in server_log
     with ledger_settings(COORDINATOR, ledger=ledger_path).open(outbox=False) as ledger:
         contributions = ledger.contributions(job_id)
         models = ledger.global_models(job_id)
         absences = ledger.absences(job_id)
         result = audit.verify(ledger, job_id, next(server_dir.rglob("FL_global_model.pt")))
-    assert sorted((c.round, c.site) for c in contributions) == [(0, "site-1"), (0, "site-2"),
-                                                                (1, "site-1"), (1, "site-2")]
-    assert [sorted(m.participants) for m in sorted(models, key=lambda m: m.round)] == [["site-1", "site-2"]] * 2
+    assert sorted((c.round, c.site) for c in contributions) == [(r, s) for r in (0, 1) for s in SURVIVORS]
+    assert [sorted(m.participants) for m in sorted(models, key=lambda m: m.round)] == [SURVIVORS] * 2
     assert {(a.round, a.site) for a in absences} >= {(0, "site-3"), (1, "site-3")}
     assert all("declined" in a.reason for a in absences if a.site == "site-3")
     assert result.ok, result
@@ -86,21 +87,21 @@ def test_contributions_are_masked_and_report_the_dp_spend_within_budget(private_
         assert epsilons[-1] > 0.9 * TARGET_EPSILON, (site, epsilons)
 
 
-def test_the_server_only_received_masked_updates(private_run):
+def test_the_server_only_received_masked_inputs_and_each_site_trained_once_a_round(private_run):
     root, ledger_path, job_id, _ = private_run
-    for site in ("site-1", "site-2"):
+    for site in SURVIVORS:
         site_log = _logs(root, site)
-        assert "masked update for round 0 attempt 0 against 2 peers" in site_log
-        assert "masked update for round 0 attempt 1 against 1 peers" in site_log
-        # The redo resends the round's update, re-masked; it does not train (and spend) again.
-        assert "resending this round's update" in site_log
+        for round_ in (0, 1):
+            assert site_log.count(f"round {round_}: masked input sent (masked against 3 peers and a self-mask)") == 1
+            assert f"round {round_}: unmask answered for 3 survivors, dropped ['site-3']" in site_log
     with ledger_settings(COORDINATOR, ledger=ledger_path).open(outbox=False) as ledger:
         contributions = ledger.contributions(job_id)
     server_log = _logs(root, "server")
     for contribution in contributions:
-        assert contribution.hash_stage == "after_dp"
+        # The record is of exactly the bytes the site sent: its masked input, uniform in the ring
+        # alone; the server received those very bytes.
+        assert contribution.hash_stage == "after_masking"
         received = re.search(rf"round {contribution.round}: update of {contribution.site} received, sha256 (\w+)",
                              server_log)
         assert received, f"no update of {contribution.site} in round {contribution.round} reached the server"
-        # What reached the server is not the update the site recorded (that one never left it).
-        assert received.group(1) != contribution.update_sha256
+        assert received.group(1) == contribution.update_sha256

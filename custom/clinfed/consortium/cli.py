@@ -21,7 +21,7 @@ def cmd_provision(args) -> int:
     lines = [f"provisioned {result.consortium.name} into {result.out} in {result.seconds:.1f} s"]
     lines += [f"  {name:<28} {path}" for name, path in result.kits.items()]
     if result.ledger_file:
-        lines.append(f"  ledger: {result.ledger_file} (consortium initialised, site masking keys registered)")
+        lines.append(f"  ledger: {result.ledger_file} (consortium initialised; each site registers its masking key: clinfed keys register)")
     lines.append(f"next: clinfed consortium up {result.out}")
     _print(args, result.to_dict(), "\n".join(lines))
     return 0

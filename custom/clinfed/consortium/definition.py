@@ -1,6 +1,6 @@
 """The one consortium definition (``provisioning/consortium.yml``): load and validate it.
 
-Every refusal names the field it is about (``sites[1].privacy.budget.target_epsilon``), so an
+Every refusal names the field it is about (``sites[1].privacy.update_dp.epsilon``), so an
 operator can fix the file without reading this code. See ``provisioning/README.md`` for the schema.
 """
 
@@ -21,8 +21,8 @@ ROLES = ("project_admin", "org_admin", "lead", "member")
 # The privacy scopes a site may take; what each applies is in clinfed.consortium.local_files.
 SCOPES = ("public", "strict")
 LEDGER_BACKENDS = ("local", "fabric")
-BUDGET_FIELDS = {"target_epsilon": 10.0, "delta": 1e-5, "noise_multiplier": 1.0, "clip_norm": 1.0}
-MASKING_FIELDS = {"min_participants": 2}
+UPDATE_DP_FIELDS = {"epsilon": None, "delta": 1e-5, "noise_multiplier": None, "clip_norm": None}
+SECURE_AGGREGATION_FIELDS = {"min_participants": 3, "min_threshold_fraction": 0.5}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -45,19 +45,23 @@ class ConsortiumError(ConfigError):
 
 
 @dataclass(frozen=True)
-class Budget:
-    target_epsilon: float
+class UpdateDP:
+    """Update-level DP the site requires in every securely aggregated round (site level)."""
+
+    epsilon: float
     delta: float
     noise_multiplier: float
     clip_norm: float
+    noise: str = "distributed"
 
 
 @dataclass(frozen=True)
 class SitePrivacy:
     scopes: tuple[str, ...]
     default_scope: str
-    budget: Budget
+    update_dp: UpdateDP | None
     min_participants: int
+    min_threshold_fraction: float
 
 
 @dataclass(frozen=True)
@@ -305,7 +309,7 @@ def parse_consortium(raw: Any, source: str = "consortium.yml") -> Consortium:
 
 def _privacy(r: _Reader, raw: Any, where: str) -> SitePrivacy:
     raw = r.mapping(raw, where)
-    r.unknown(raw, {"scopes", "default_scope", "budget", "masking"}, where)
+    r.unknown(raw, {"scopes", "default_scope", "update_dp", "secure_aggregation"}, where)
     scopes = raw.get("scopes", ["public", "strict"])
     if not isinstance(scopes, list) or not scopes:
         r.fail(f"{where}.scopes", "must be a non-empty list of scope names")
@@ -317,15 +321,25 @@ def _privacy(r: _Reader, raw: Any, where: str) -> SitePrivacy:
     default_scope = raw.get("default_scope", scopes[0])
     if default_scope not in scopes:
         r.fail(f"{where}.default_scope", f"{default_scope!r} is not one of this site's scopes ({', '.join(scopes)})")
-    budget_raw = r.mapping(raw.get("budget", {}), f"{where}.budget")
-    r.unknown(budget_raw, set(BUDGET_FIELDS), f"{where}.budget")
-    values = {k: r.number(budget_raw, k, f"{where}.budget", d) for k, d in BUDGET_FIELDS.items()}
-    if not values["delta"] < 1:
-        r.fail(f"{where}.budget.delta", f"must be in (0, 1), got {values['delta']}")
-    masking = r.mapping(raw.get("masking", {}), f"{where}.masking")
-    r.unknown(masking, set(MASKING_FIELDS), f"{where}.masking")
-    min_participants = r.number(masking, "min_participants", f"{where}.masking", MASKING_FIELDS["min_participants"],
-                                integer=True)
+    update_dp = None
+    if raw.get("update_dp") is not None:
+        section = r.mapping(raw["update_dp"], f"{where}.update_dp")
+        r.unknown(section, set(UPDATE_DP_FIELDS) | {"noise"}, f"{where}.update_dp")
+        values = {k: r.number(section, k, f"{where}.update_dp", d) for k, d in UPDATE_DP_FIELDS.items()}
+        if not values["delta"] < 1:
+            r.fail(f"{where}.update_dp.delta", f"must be in (0, 1), got {values['delta']}")
+        noise = section.get("noise", "distributed")
+        if noise not in ("distributed", "local"):
+            r.fail(f"{where}.update_dp.noise", f"must be 'distributed' or 'local', got {noise!r}")
+        update_dp = UpdateDP(**values, noise=noise)
+    secure = r.mapping(raw.get("secure_aggregation", {}), f"{where}.secure_aggregation")
+    r.unknown(secure, set(SECURE_AGGREGATION_FIELDS), f"{where}.secure_aggregation")
+    min_participants = r.number(secure, "min_participants", f"{where}.secure_aggregation",
+                                SECURE_AGGREGATION_FIELDS["min_participants"], integer=True)
     if min_participants < 2:
-        r.fail(f"{where}.masking.min_participants", f"must be >= 2, got {min_participants}")
-    return SitePrivacy(tuple(scopes), default_scope, Budget(**values), min_participants)
+        r.fail(f"{where}.secure_aggregation.min_participants", f"must be >= 2, got {min_participants}")
+    fraction = r.number(secure, "min_threshold_fraction", f"{where}.secure_aggregation",
+                        SECURE_AGGREGATION_FIELDS["min_threshold_fraction"])
+    if not 0.5 <= fraction < 1:
+        r.fail(f"{where}.secure_aggregation.min_threshold_fraction", f"must be in [0.5, 1), got {fraction}")
+    return SitePrivacy(tuple(scopes), default_scope, update_dp, min_participants, fraction)

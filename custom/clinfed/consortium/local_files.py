@@ -16,11 +16,7 @@ from .definition import Consortium, Site
 # FLARE 2.9 rights (nvflare.fuel.sec.authz / authorization.json.default).
 RIGHTS = ("submit_job", "clone_job", "manage_job", "download_job", "view", "operate", "shell_commands", "byoc",
           "server-predeployed-flwr")
-MASKING_KEY_FILE = "masking_key.pem"
-KEY_DIRECTORY_FILE = "site_keys.json"
-UPDATE_DP_FILTER = "clinfed.filters.update_dp.UpdateDPFilter"
-SECURE_MASK_FILTER = "clinfed.filters.secure_mask.SecureMaskFilter"
-RELEASE_GUARD_FILTER = "clinfed.consortium.release_guard.ReleaseGuard"
+RELEASE_GUARD_FILTER = "clinfed.filters.release_guard.ReleaseGuard"
 
 
 def authorization(consortium: Consortium | None = None) -> dict:
@@ -48,45 +44,38 @@ def authorization(consortium: Consortium | None = None) -> dict:
     }
 
 
-def _mask_filter(site: Site) -> dict:
-    """The site's own key (``local/masking_key.pem``); peers' public keys as registered on the
-    ledger by each site, so the coordinator cannot substitute one (``site_keys.json`` is the
-    provisioning record of the same keys; ``key_directory_file`` would use it instead)."""
-    return {"path": SECURE_MASK_FILTER,
-            "args": {"private_key_file": MASKING_KEY_FILE, "min_participants": site.privacy.min_participants}}
-
-
 def privacy(site: Site, study: str) -> dict:
     """``local/privacy.json`` of a site: the scopes it accepts and its default.
 
-    FLARE applies a scope's filters to every task of the job (the list is flat: there is no
-    per-task selection in ``privacy.json``), before the job's own filters.
+    FLARE applies a scope's filters to every task of the job, before the job's own filters.
 
-    - ``public``: no site filters; the job's own filters decide.
-    - ``strict``: on the way out, update-level DP (this site's budget), then secure masking, then
-      :class:`clinfed.consortium.release_guard.ReleaseGuard`, which refuses to release any model
-      weights or weight difference that is not masked (a job without masking, or the local model
-      that cross-site evaluation asks for, gets an error reply instead). On the way in the masking
-      filter only records the round's participant list.
+    - ``public``: no site filters; the job's own components decide (the site's privacy policy in
+      ``clinfed_site.json`` still binds clinfed's secure aggregation, whatever the scope).
+    - ``strict``: :class:`clinfed.filters.release_guard.ReleaseGuard` in and out: only masked
+      inputs of secure aggregation, its protocol messages and metrics leave the site. A job
+      without secure aggregation, or the local model that cross-site evaluation asks for, gets an
+      error reply instead.
     """
-    budget = site.privacy.budget
+    guard = [{"path": RELEASE_GUARD_FILTER, "args": {}}]
     scopes = []
     for name in site.privacy.scopes:
-        scope: dict = {"name": name, "properties": {"study": study}}
-        if name == "strict":
-            scope["task_data_filters"] = [_mask_filter(site)]
-            scope["task_result_filters"] = [
-                {"path": UPDATE_DP_FILTER,
-                 "args": {"noise_multiplier": budget.noise_multiplier, "clip_norm": budget.clip_norm,
-                          "target_epsilon": budget.target_epsilon, "delta": budget.delta, "study": study}},
-                _mask_filter(site),
-                {"path": RELEASE_GUARD_FILTER, "args": {}},
-            ]
-        else:
-            scope["task_data_filters"] = []
-            scope["task_result_filters"] = []
-        scopes.append(scope)
+        filters = guard if name == "strict" else []
+        scopes.append({"name": name, "properties": {"study": study}, "task_data_filters": list(filters),
+                       "task_result_filters": list(filters)})
     return {"format_version": 2, "scopes": scopes, "default_scope": site.privacy.default_scope}
+
+
+def privacy_policy(site: Site, study: str) -> dict:
+    """The ``privacy`` section of a site's ``clinfed_site.json`` (:mod:`clinfed.privacy.policy`):
+    the site's floor on secure aggregation and the update-level DP it requires."""
+    policy: dict = {"secure_aggregation": {"min_participants": site.privacy.min_participants,
+                                           "min_threshold_fraction": site.privacy.min_threshold_fraction}}
+    dp = site.privacy.update_dp
+    if dp is not None:
+        policy["studies"] = {study: {"update_dp": {"epsilon": dp.epsilon, "delta": dp.delta,
+                                                   "noise_multiplier": dp.noise_multiplier,
+                                                   "clip_norm": dp.clip_norm, "noise": dp.noise}}}
+    return policy
 
 
 def allow_list(default_resources: dict, extra: list[str] | tuple[str, ...] | None = None) -> dict:
@@ -142,13 +131,17 @@ def ledger_section(consortium: Consortium, participant: str, ledger_file: Path |
 
 def site_config(consortium: Consortium, participant: str, ledger_file: Path | None,
                 data_dir: str | None = None) -> dict:
-    """``local/clinfed_site.json``: where the site's data live and its ledger identity.
+    """``local/clinfed_site.json``: where the site's data live, its ledger identity and its privacy
+    policy.
 
     The server (``coordinator``) gets only the ledger section. ``secret_file`` is left to the
-    site's data folder default (``<data_dir>/site_secret.key``)."""
+    site's data folder default (``<data_dir>/site_secret.key``); ``masking_key_file`` to
+    ``local/masking_key.pem``, which the site itself creates with ``clinfed keys register``."""
     config: dict = {}
     if participant != COORDINATOR:
         config["data_dir"] = data_dir or f"/data/clinfed/{participant}"
+        site = next(s for s in consortium.sites if s.name == participant)
+        config["privacy"] = privacy_policy(site, consortium.study)
     config["ledger"] = ledger_section(consortium, participant, ledger_file)
     return config
 
@@ -187,5 +180,5 @@ def write_json(path: Path, content, mode: int | None = None) -> None:
         path.chmod(mode)
 
 
-__all__ = ["authorization", "privacy", "allow_list", "move_server_storage", "site_config", "fabric_orgs",
-           "flare_to_fabric", "SITE_CONFIG_FILE", "MASKING_KEY_FILE", "KEY_DIRECTORY_FILE"]
+__all__ = ["authorization", "privacy", "privacy_policy", "allow_list", "move_server_storage", "site_config",
+           "fabric_orgs", "flare_to_fabric", "SITE_CONFIG_FILE"]

@@ -10,8 +10,10 @@ Output folder layout::
     DIR/server-storage/       the server's job store and snapshots (not /tmp/nvflare)
     DIR/ledger/ledger.sqlite  the consortium's LocalLedger (backend local)
     DIR/fabric/fabric_orgs.json, DIR/fabric/flare_to_fabric.json
-    DIR/site_keys.json        the sites' masking public keys (also in every site's local/)
     DIR/provisioning.json     what was made where, read by `consortium up|down|status`
+
+Provisioning holds no site secret: each site creates its own masking key and registers its public
+half on the ledger itself (``clinfed keys register``), and makes its own pseudonymisation key.
 """
 
 from __future__ import annotations
@@ -181,13 +183,6 @@ def _provision(consortium_file: Path, consortium: Consortium, out: Path, data_ro
         ledger_file = out / "ledger" / LEDGER_FILE
         ledger_file.parent.mkdir(parents=True, exist_ok=True)
 
-    # Masking keys: one X25519 key per site (0600, in the site's local/), public keys in a directory.
-    from clinfed.privacy.masking import generate_private_key_file, write_key_directory
-
-    public_keys = {s.name: generate_private_key_file(kits[s.name] / "local" / local_files.MASKING_KEY_FILE)
-                   for s in consortium.sites}
-    write_key_directory(out / local_files.KEY_DIRECTORY_FILE, public_keys)
-
     auth = local_files.authorization(consortium)
     server_kit = kits[consortium.coordinator.name]
     for name in [consortium.coordinator.name, *consortium.site_names]:
@@ -203,7 +198,6 @@ def _provision(consortium_file: Path, consortium: Consortium, out: Path, data_ro
     for site in consortium.sites:
         local = kits[site.name] / "local"
         local_files.write_json(local / "privacy.json", local_files.privacy(site, consortium.study))
-        shutil.copyfile(out / local_files.KEY_DIRECTORY_FILE, local / local_files.KEY_DIRECTORY_FILE)
         data_dir = site.data_dir or (str(Path(data_root).resolve() / site.name) if data_root else None)
         local_files.write_json(local / SITE_CONFIG_FILE, local_files.site_config(consortium, site.name, ledger_file,
                                                                                   data_dir))
@@ -212,7 +206,7 @@ def _provision(consortium_file: Path, consortium: Consortium, out: Path, data_ro
     local_files.write_json(out / "fabric" / "flare_to_fabric.json", local_files.flare_to_fabric(consortium))
 
     if ledger_file is not None:
-        init_local_ledger(ledger_file, consortium, public_keys)
+        init_local_ledger(ledger_file, consortium)
 
     state = {"consortium": consortium.name, "study": consortium.study, "source": str(Path(consortium_file).resolve()),
              "server": consortium.coordinator.name, "host": consortium.coordinator.host,
@@ -239,9 +233,9 @@ def server_env(consortium: Consortium) -> dict[str, str]:
     return env
 
 
-def init_local_ledger(ledger_file: Path, consortium: Consortium, public_keys: dict[str, bytes]) -> None:
-    """Initialise the consortium on the LocalLedger (as the coordinator) and register each site's
-    masking public key (as that site, since a site writes only its own records)."""
+def init_local_ledger(ledger_file: Path, consortium: Consortium) -> None:
+    """Initialise the consortium on the LocalLedger, as the coordinator. Sites register their own
+    masking keys (``clinfed keys register``)."""
     from clinfed.ledger import DuplicateRecord, LocalLedger
 
     with LocalLedger(ledger_file, COORDINATOR_MSP) as ledger:
@@ -249,12 +243,6 @@ def init_local_ledger(ledger_file: Path, consortium: Consortium, public_keys: di
             ledger.init_consortium({s.name: s.msp_id for s in consortium.sites}, COORDINATOR_MSP)
         except DuplicateRecord:
             pass
-    for site in consortium.sites:
-        with LocalLedger(ledger_file, site.msp_id) as ledger:
-            try:
-                ledger.register_site_key(site.name, public_keys[site.name])
-            except DuplicateRecord:
-                pass
 
 
 def load_state(out: str | Path) -> dict:

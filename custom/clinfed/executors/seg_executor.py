@@ -42,10 +42,10 @@ from clinfed.data.profiles import STUDY_ID
 from clinfed.data.pseudonym import Pseudonymiser
 from clinfed.errors import ConfigError
 from clinfed.filters.contribution_record import COHORT_META, ROUND_META
-from clinfed.filters.update_dp import DECLINE_HEADER
 from clinfed.privacy.accounting import budget_file, default_privacy_dir
 from clinfed.privacy.dp_sgd import SiteDPSGD
 from clinfed.privacy.errors import PrivacyBudgetExceeded
+from clinfed.privacy.spend import DECLINE_HEADER
 from clinfed.site_config import SITE_CONFIG_FILE, site_files
 from clinfed.training import (
     DEFAULT_BATCH_SIZE,
@@ -110,7 +110,6 @@ class SegExecutor(Executor):
         self.dp_max_grad_norm = arguments.positive_number("dp_max_grad_norm", dp_max_grad_norm)
         self.dp_accountant = arguments.choice("dp_accountant", dp_accountant, ("prv", "rdp"))
         self._dp: SiteDPSGD | None = None
-        self._last_update: tuple | None = None  # (round, weight difference, meta) of the last train task
         self.device = device_for_training()
         self.model = None
         self.train_loader = None
@@ -233,13 +232,6 @@ class SegExecutor(Executor):
         if incoming.data_kind != DataKind.WEIGHTS:
             return make_reply(ReturnCode.BAD_TASK_DATA)
         current_round = shareable.get_header(AppConstants.CURRENT_ROUND)
-        if self._last_update is not None and self._last_update[0] == current_round:
-            # A masked round the server redoes without a site that dropped out: send the same
-            # update again (the mask filter masks it afresh). Training again would spend the
-            # privacy budget twice for one round and give the server two updates to compare.
-            self.log_info(fl_ctx, f"round {current_round}: train task again (the server redoes the round); "
-                                  f"resending this round's update")
-            return self._update_reply(fl_ctx, current_round, *self._last_update[1:])
         self._gate(fl_ctx, current_round, AppConstants.TASK_TRAIN)
         try:
             dp = self._dp_for_round(fl_ctx, shareable)  # plans the job's noise: fails when nothing is left
@@ -285,7 +277,6 @@ class SegExecutor(Executor):
             self.log_info(fl_ctx, f"round {current_round}: DP-SGD epsilon {meta[DP_SGD_EPSILON_ROUND]:.3g} this round, "
                                   f"{dp.epsilon():.3g} of {dp.target_epsilon:g} spent on study {self.study} "
                                   f"(delta {dp.delta:.3g}, noise multiplier {dp.noise_multiplier:.3g})")
-        self._last_update = (current_round, diff, meta)
         return self._update_reply(fl_ctx, current_round, diff, meta)
 
     @staticmethod

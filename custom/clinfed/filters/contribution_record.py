@@ -44,9 +44,9 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 
 from clinfed.errors import ConfigError
-from clinfed.filters.update_dp import reported_spend
 from clinfed.ledger import Contribution, DuplicateRecord
-from clinfed.privacy.masking import MASKED_META_KEY
+from clinfed.privacy import secagg
+from clinfed.privacy.spend import reported_spend
 
 FORMAT = "clinfed-dxo-v1"
 HASH_STAGES = ("auto", "after_dp", "after_masking")
@@ -163,7 +163,8 @@ class ContributionRecorder(DXOFilter):
     def _stage(self, dxo: DXO) -> str:
         if self.hash_stage != "auto":
             return self.hash_stage
-        return "after_masking" if dxo.get_meta_prop(MASKED_META_KEY) is not None else "after_dp"
+        masked = (dxo.get_meta_prop(secagg.META_KEY) or {}).get("stage") == secagg.STAGE_MASKED_INPUT
+        return "after_masking" if masked else "after_dp"
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> None:
         from clinfed.ledger.settings import deliver_now, ledger_job_id

@@ -9,11 +9,12 @@ contribution. Which ledger and identity is each participant's own configuration
 (:mod:`clinfed.ledger.settings`); the job names neither.
 
 Privacy (``privacy``): ``dp`` trains with DP-SGD at every site under a per-site budget for the
-study (``SegExecutor``'s ``dp_*`` arguments); ``mask`` sends pairwise-masked updates that the
-server can only sum (``SecureMaskFilter`` at the sites, ``MaskedFedAvg`` with its redo on a
-missing site at the server); ``dp+mask`` both. A masked job has no cross-site evaluation: it
-would send every site's local model in clear. Sites may impose more through their own privacy
-policy (``local/privacy.json``), whatever the job asks.
+study (``SegExecutor``'s ``dp_*`` arguments); ``mask`` runs every round as secure aggregation
+(``SecAggFedAvg`` at the server, ``SecAggClient`` around each site's ``SegExecutor``): the server
+only ever opens the sum of the surviving sites' updates; ``dp+mask`` both. ``mask_noise_multiplier``
+adds update-level DP inside the mask (each site's share of Skellam noise). A masked job has no
+cross-site evaluation: it would send every site's local model in clear. Sites impose more through
+their own privacy policy (``clinfed_site.json``, ``local/privacy.json``), whatever the job asks.
 """
 
 from __future__ import annotations
@@ -28,22 +29,26 @@ from nvflare.recipe.spec import Recipe
 
 from clinfed import arguments
 from clinfed.aggregators.fedavg import WeightedFedAvg
-from clinfed.aggregators.masked_sum import MaskedFedAvg
+from clinfed.executors.secagg_client import SecAggClient
 from clinfed.executors.seg_executor import SegExecutor
 from clinfed.filters.contribution_record import ContributionRecorder
-from clinfed.filters.secure_mask import SecureMaskFilter
+from clinfed.privacy.secagg import SETUP_TASK, UNMASK_TASK
 from clinfed.models.fusion_seg import FusionSegNet
 from clinfed.privacy import PRIVACY_MODES
 from clinfed.training import DEFAULT_BATCH_SIZE, DEFAULT_LOCAL_EPOCHS, DEFAULT_LR, DEFAULT_ROI
 from clinfed.widgets.ledger_recorder import LedgerRecorder
 from clinfed.widgets.round_log import RoundLogWriter
 from clinfed.workflows.fedavg import FedAvg
+from clinfed.workflows.secagg_fedavg import SecAggFedAvg
 
 FEDAVG_JOB_NAME = "tumour_seg_fedavg"
 DEFAULT_ROUNDS = 4
 # FLARE's workflows check for results every 0.5 s by default, so any work a round adds (masking,
 # DP filters) costs a whole period; at 0.1 s a round ends within 0.1 s of its last result.
 TASK_CHECK_PERIOD = 0.1
+# A site asks for its next task this long after finishing one (FLARE's server default: 2 s, which
+# a secure-aggregation round, three tasks, would pay three times).
+TASK_REQUEST_INTERVAL = 0.1
 PRIVATE_JOB_NAME = "tumour_seg_private"
 # Classes outside clinfed. that our jobs use and FLARE's default allow-list lacks.
 EXTRA_ALLOWED_CLASSES = ("nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
@@ -68,15 +73,19 @@ class TumourSegFedAvgRecipe(Recipe):
         dp_target_epsilon: each site's DP-SGD budget for the study (``dp`` modes).
         dp_max_grad_norm: DP-SGD per-sample clipping bound.
         mask_clip_range: the per-coordinate range of the updates in masked fixed point (``mask``
-            modes); larger values are clipped (the site logs how many).
+            modes; the L2 bound of a site's update with ``mask_noise_multiplier``); larger values
+            are clipped (the site logs it).
         mask_weight_bound: bound on the sum of the sites' ``n_samples`` in the first masked round.
+        mask_noise_multiplier: update-level DP inside the mask: sigma of the Skellam noise on the
+            sum (0: none). Each site checks it against its own policy.
     """
 
     def __init__(self, *, name: str = FEDAVG_JOB_NAME, min_clients: int = 3, num_rounds: int = DEFAULT_ROUNDS,
                  local_epochs: int = DEFAULT_LOCAL_EPOCHS, batch_size: int = DEFAULT_BATCH_SIZE, lr: float = DEFAULT_LR,
                  roi: tuple[int, int, int] = DEFAULT_ROI, cross_site_eval: bool = True,
                  ledger_policy: str | None = None, privacy: str = "none", dp_target_epsilon: float = 8.0,
-                 dp_max_grad_norm: float = 1.0, mask_clip_range: float = 0.5, mask_weight_bound: float = 1e4):
+                 dp_max_grad_norm: float = 1.0, mask_clip_range: float = 0.5, mask_weight_bound: float = 1e4,
+                 mask_noise_multiplier: float = 0.0):
         # The recipe's own arguments; the executor and the workflows check theirs when built.
         arguments.choice("privacy", privacy, PRIVACY_MODES)
         arguments.positive_int("min_clients", min_clients)
@@ -85,13 +94,15 @@ class TumourSegFedAvgRecipe(Recipe):
         job = BaseFedJob(initial_model=FusionSegNet(), name=name, min_clients=min_clients, key_metric="dice")
         persistor_id = job.comp_ids["persistor_id"]
         if mask:
-            workflow = MaskedFedAvg(num_clients=min_clients, num_rounds=num_rounds, persistor_id=persistor_id,
-                                    clip_range=mask_clip_range, weight_bound=mask_weight_bound,
+            workflow = SecAggFedAvg(num_clients=min_clients, num_rounds=num_rounds, persistor_id=persistor_id,
+                                    encoding="dp" if mask_noise_multiplier else "exact", clip=mask_clip_range,
+                                    weight_bound=mask_weight_bound, noise_multiplier=mask_noise_multiplier,
                                     task_check_period=TASK_CHECK_PERIOD)
         else:
             workflow = FedAvg(num_clients=min_clients, num_rounds=num_rounds, persistor_id=persistor_id,
                               aggregator=WeightedFedAvg(), task_check_period=TASK_CHECK_PERIOD)
         job.to_server(workflow)
+        job.to_server({"server": {"task_request_interval": TASK_REQUEST_INTERVAL}})
         job.to_server(RoundLogWriter(), id="round_log")
         job.to_server(LedgerRecorder(persistor_id=persistor_id,
                                      aggregation="masked_weighted_fedavg" if mask else "weighted_fedavg",
@@ -99,16 +110,14 @@ class TumourSegFedAvgRecipe(Recipe):
         if cross_site_eval and not mask:
             job.to_server(CrossSiteModelEval(model_locator_id=job.comp_ids["locator_id"]))
         dp_args = {"dp_target_epsilon": dp_target_epsilon, "dp_max_grad_norm": dp_max_grad_norm} if dp else {}
-        job.to_clients(SegExecutor(local_epochs=local_epochs, batch_size=batch_size, lr=lr, roi=list(roi), **dp_args),
-                       tasks=["train", "validate"] + ([] if mask else ["submit_model"]))
-        train = [AppConstants.TASK_TRAIN]
-        # Recorded before masking: the hash of the site's update is the same in every attempt of
-        # a masked round (a redo re-masks the same update).
-        job.to_clients(ContributionRecorder(policy=ledger_policy), filter_type=FilterType.TASK_RESULT, tasks=train)
+        trainer = SegExecutor(local_epochs=local_epochs, batch_size=batch_size, lr=lr, roi=list(roi), **dp_args)
         if mask:
-            # On the way in it only notes the round's participant list; on the way out it masks.
-            job.to_clients(SecureMaskFilter(), filter_type=FilterType.TASK_DATA, tasks=train)
-            job.to_clients(SecureMaskFilter(), filter_type=FilterType.TASK_RESULT, tasks=train)
+            job.to_clients(SecAggClient(trainer=trainer), tasks=["train", "validate", SETUP_TASK, UNMASK_TASK])
+        else:
+            job.to_clients(trainer, tasks=["train", "validate", "submit_model"])
+        # The hash of exactly the bytes the site sends: the masked input in a masked job.
+        job.to_clients(ContributionRecorder(policy=ledger_policy), filter_type=FilterType.TASK_RESULT,
+                       tasks=[AppConstants.TASK_TRAIN])
         # Installed packages: referenced by class path, never copied into app/custom (no BYOC).
         job.set_app_packages(["clinfed", "fhir_adapter"])
         super().__init__(job)

@@ -129,10 +129,13 @@ class Consent(_Record):
 
 @dataclass(frozen=True)
 class SiteKey(_Record):
-    """A site's X25519 public key for pairwise mask agreement (``public_key`` is base64 of 32 bytes)."""
+    """A site's X25519 public key for secure aggregation (``public_key`` is base64 of 32 bytes).
+    ``version`` counts the site's registrations: a rotation is a new version, and the key applies
+    from the next job a site starts (running jobs keep the key they pinned)."""
 
     site: str
     public_key: str
+    version: int = 1
     tx_id: str | None = None
     timestamp: str | None = None
     recorded_by: str | None = None

@@ -1,8 +1,10 @@
-"""Privacy building blocks: budget accounting, sample-level DP-SGD, pairwise secure masking.
+"""Privacy building blocks: the site's own policy, budget accounting, sample-level DP-SGD, and
+secure aggregation (with update-level DP inside the mask).
 
-FLARE components that use them live in ``clinfed.filters`` (site side) and
-``clinfed.aggregators.masked_sum`` (server side).
+FLARE components that use them: ``clinfed.executors.secagg_client`` (site side),
+``clinfed.workflows.secagg_fedavg`` (server side), ``clinfed.filters.release_guard`` (a site's
+strict scope).
 """
 
 PRIVACY_MODES = ("none", "dp", "mask", "dp+mask")
-"""What a job asks of every site: nothing, DP-SGD, secure masking, or both (``clinfed.jobs``)."""
+"""What a job asks of every site: nothing, DP-SGD, secure aggregation, or both (``clinfed.jobs``)."""

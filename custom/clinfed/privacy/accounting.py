@@ -2,8 +2,10 @@
 
 A mechanism's releases are a history of events ``(noise_multiplier, sample_rate, steps)``, the
 format of Opacus's accountants. ``compose_epsilon`` turns a history into epsilon at a delta with
-Opacus's own PRV or RDP accountant, or, for un-subsampled Gaussian releases (sample rate 1, the
-update-level filter), with the exact Gaussian-mechanism formula.
+Opacus's own PRV or RDP accountant, or, for un-subsampled Gaussian releases (sample rate 1), with
+the exact Gaussian-mechanism formula; ``skellam`` composes un-subsampled releases whose RDP is
+bounded by a Gaussian's at integer orders only (the Skellam noise of secure aggregation, see
+:func:`clinfed.privacy.secagg.skellam_noise_multiplier`).
 
 ``PrivacyBudget`` keeps one site's spend for one study and one mechanism in a JSON file:
 
@@ -35,7 +37,9 @@ from typing import Iterable, Sequence
 
 from clinfed.privacy.errors import PrivacyBudgetExceeded, PrivacyStateError
 
-ACCOUNTANTS = ("prv", "rdp", "gaussian")
+ACCOUNTANTS = ("prv", "rdp", "gaussian", "skellam")
+# Integer RDP orders for the skellam accountant (its bound is proven for integer orders).
+SKELLAM_ORDERS = tuple(range(2, 257))
 BUDGET_FORMAT = "clinfed.privacy_budget/1"
 # Budget comparisons allow for float noise in the accountants, nothing more.
 _EPSILON_SLACK = 1e-9
@@ -95,6 +99,14 @@ def _compose(events: tuple[Event, ...], delta: float, accountant: str) -> float:
             raise ValueError("the 'gaussian' accountant is exact only without subsampling (sample rate 1); "
                              "use 'prv' or 'rdp' for DP-SGD")
         return gaussian_epsilon(math.sqrt(sum(steps / sigma**2 for sigma, _, steps in events)), delta)
+    if accountant == "skellam":
+        if any(q != 1.0 for _, q, _ in events):
+            raise ValueError("the 'skellam' accountant covers releases without subsampling (sample rate 1)")
+        from opacus.accountants.analysis.rdp import get_privacy_spent
+
+        inverse_variance = sum(steps / sigma**2 for sigma, _, steps in events)
+        rdp = [order * inverse_variance / 2 for order in SKELLAM_ORDERS]
+        return float(get_privacy_spent(orders=list(SKELLAM_ORDERS), rdp=rdp, delta=delta)[0])
     from opacus.accountants import create_accountant
 
     opacus_accountant = create_accountant(mechanism=accountant)
@@ -163,7 +175,7 @@ class PrivacyBudget:
         path: the JSON file; created (with its folders) on the first write.
         target_epsilon: the budget. May be changed by the site's policy between jobs.
         delta: fixed for the life of the file: a file written with another delta is refused.
-        accountant: ``prv``, ``rdp`` or ``gaussian`` (exact, sample rate 1 only); fixed for the file.
+        accountant: ``prv``, ``rdp``, ``gaussian`` or ``skellam`` (both sample rate 1 only); fixed for the file.
         mechanism: label (``dp_sgd`` or ``update_dp``); fixed for the file.
         site, study: recorded for auditing.
     """

@@ -23,27 +23,10 @@ class PrivacyStateError(PrivacyError):
     """A persisted privacy-budget file is unreadable or disagrees with the configuration."""
 
 
-class MaskingError(PrivacyError):
-    """Secure masking cannot proceed safely (keys, participant list, context reuse, layout)."""
+class SecAggRefused(PrivacyError):
+    """A site (or the server) refuses a secure-aggregation step; the message names the reason
+    (a list that is not the consortium's, a key that does not authenticate, a second request)."""
 
 
-class KeyDirectoryError(MaskingError):
-    """The site key directory (public X25519 keys) or a private key file is missing or invalid."""
-
-
-class MaskedRoundIncomplete(MaskingError):
-    """A listed participant's masked update is missing: the sum cannot be unmasked. Redo the
-    round without the missing sites (fresh masks: the attempt number goes up)."""
-
-    def __init__(self, *, round_: int, attempt: int, missing: list[str], received: list[str]):
-        self.round = round_
-        self.attempt = attempt
-        self.missing = sorted(missing)
-        self.received = sorted(received)
-        super().__init__(f"round {round_} attempt {attempt}: no masked update from {self.missing} "
-                         f"(received {self.received}); the masked sum cannot be opened and is discarded")
-
-
-class MaskRangeExceeded(MaskingError):
-    """The sites' clear weights add up to more than the round's ``total_weight``: the ring sum may
-    have wrapped. Redo with the weights now known."""
+class KeyDirectoryError(SecAggRefused):
+    """A site's masking key file, or the keys registered on the ledger, are missing or invalid."""

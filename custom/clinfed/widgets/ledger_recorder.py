@@ -14,7 +14,7 @@ Events used: ``ROUND_STARTED`` (the round's expected sites: the clients connecte
 ``expected_sites``), ``AFTER_CONTRIBUTION_ACCEPT`` (who was accepted, their epsilon, and the
 canonical hash of the update as received, logged for comparison with the site's own record),
 ``BEFORE_PROCESS_SUBMISSION`` (an error reply, e.g. a site declining because its privacy budget is
-spent: the workflow drops those before any accept event),
+spent, or refusing a secure-aggregation stage: the workflow drops those before any accept event),
 ``AFTER_AGGREGATION`` (participants the aggregator used, method), ``AFTER_LEARNABLE_PERSIST``
 (hash and write), ``END_RUN`` (flush the outbox).
 """
@@ -35,7 +35,8 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
 from clinfed.filters.contribution_record import update_sha256
-from clinfed.filters.update_dp import DECLINE_HEADER, reported_spend
+from clinfed.privacy.secagg import REFUSAL_HEADER
+from clinfed.privacy.spend import DECLINE_HEADER, reported_spend
 from clinfed.ledger import Absence, DuplicateRecord, GlobalModel, LedgerError, sha256_file
 
 _REASON_CHARS = re.compile(r"[^A-Za-z0-9 _.,:;()/-]+")
@@ -133,6 +134,8 @@ class LedgerRecorder(Widget):
             self._refused.setdefault(round_, {})
 
     def _contribution(self, fl_ctx: FLContext) -> None:
+        if fl_ctx.get_prop(FLContextKey.TASK_NAME) not in (None, AppConstants.TASK_TRAIN):
+            return  # a secure-aggregation stage's message is no contribution
         peer = fl_ctx.get_peer_context()
         site = peer.get_identity_name() if peer is not None else None
         round_ = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
@@ -159,6 +162,8 @@ class LedgerRecorder(Widget):
                 rc = result.get_return_code()
                 if result.get_header(DECLINE_HEADER):
                     reason = "site declined: privacy budget spent"
+                elif result.get_header(REFUSAL_HEADER):
+                    reason = f"site refused secure aggregation: {result.get_header(REFUSAL_HEADER)}"
                 elif rc and rc != ReturnCode.OK:
                     reason = f"site returned {rc}"
             with self._lock:  # the reason seen with the reply itself (``_submission``) stays
@@ -170,8 +175,12 @@ class LedgerRecorder(Widget):
         peer = fl_ctx.get_peer_context()
         if result is None or peer is None or result.get_return_code() in (None, ReturnCode.OK):
             return
-        reason = (f"site declined: {result.get_header(DECLINE_HEADER)}" if result.get_header(DECLINE_HEADER)
-                  else f"site returned {result.get_return_code()}")
+        if result.get_header(DECLINE_HEADER):
+            reason = f"site declined: {result.get_header(DECLINE_HEADER)}"
+        elif result.get_header(REFUSAL_HEADER):
+            reason = f"site refused secure aggregation: {result.get_header(REFUSAL_HEADER)}"
+        else:
+            reason = f"site returned {result.get_return_code()}"
         with self._lock:
             if self._expected:
                 self._refused.setdefault(max(self._expected), {})[peer.get_identity_name()] = reason

@@ -1,1 +1,1 @@
-"""Server workflows of our jobs."""
+"""Server-side FLARE workflows (controllers) of clinfed."""

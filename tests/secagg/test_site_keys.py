@@ -1,4 +1,4 @@
-"""Masking keys published on the ledger: each site registers its own; peers read them there."""
+"""Masking keys published on the ledger: each site registers its own; peers pin them from there."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from clinfed import audit
 from clinfed.ledger import LedgerError, LocalLedger
 from clinfed.ledger.settings import COORDINATOR_MSP, ledger_settings
-from clinfed.privacy.errors import KeyDirectoryError
-from clinfed.privacy.masking import LedgerSiteKeyDirectory, load_private_key, public_key_bytes
+from clinfed.privacy.errors import SecAggRefused
+from clinfed.privacy.secagg import SiteRegistry, load_private_key, public_key_bytes
 
 SITES = ["site-1", "site-2", "site-3"]
 
@@ -35,10 +35,10 @@ def test_registered_keys_are_what_peers_read_and_registration_is_idempotent(ledg
         key_file = tmp_path / site / "masking_key.pem"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     with _as(ledger_path, "site-1") as ledger:
-        keys = LedgerSiteKeyDirectory(ledger).public_keys()
-    assert sorted(keys) == SITES
+        registry = SiteRegistry.from_ledger(ledger)
+    assert sorted(registry.sites) == SITES
     for site in SITES:
-        assert keys[site] == public_key_bytes(load_private_key(tmp_path / site / "masking_key.pem"))
+        assert registry.public_key(site) == public_key_bytes(load_private_key(tmp_path / site / "masking_key.pem"))
 
 
 def test_a_site_cannot_register_a_key_for_another_site(ledger_path, tmp_path):
@@ -48,6 +48,8 @@ def test_a_site_cannot_register_a_key_for_another_site(ledger_path, tmp_path):
         assert "site-1" not in ledger.site_keys()
 
 
-def test_no_registered_key_is_a_clear_error(ledger_path):
-    with _as(ledger_path, "site-1") as ledger, pytest.raises(KeyDirectoryError, match="clinfed keys register"):
-        LedgerSiteKeyDirectory(ledger).public_keys()
+def test_a_site_without_a_registered_key_is_refused_by_name(ledger_path):
+    with _as(ledger_path, "site-1") as ledger:
+        registry = SiteRegistry.from_ledger(ledger)
+    with pytest.raises(SecAggRefused, match="'site-2' has no masking key registered before the job started"):
+        registry.public_key("site-2")
