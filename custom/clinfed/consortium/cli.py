@@ -63,7 +63,7 @@ def add_consortium_commands(subparsers) -> argparse.ArgumentParser:
 
     p = sub.add_parser("provision", help="startup kits, site policies and Fabric org list from a consortium file")
     p.add_argument("consortium_yml", type=Path, metavar="CONSORTIUM_YML")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (must be new)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder: new or empty (a failed provisioning removes what it wrote)")
     p.add_argument("--data-root", type=Path, metavar="DIR",
                    help="trial on one machine: each site's data folder is DIR/<site> (else /data/clinfed/<site>, "
                         "for the site operator to edit in local/clinfed_site.json)")

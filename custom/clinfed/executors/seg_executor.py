@@ -40,6 +40,7 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
+from clinfed import arguments
 from clinfed.data.ingest import Case, ingest_site
 from clinfed.data.profiles import STUDY_ID
 from clinfed.data.pseudonym import Pseudonymiser
@@ -100,23 +101,20 @@ class SegExecutor(Executor):
                  dp_target_epsilon: float | None = None, dp_delta: float | None = None,
                  dp_max_grad_norm: float = 1.0, dp_accountant: str = "prv"):
         super().__init__()
-        if local_epochs < 1 or batch_size < 1 or lr <= 0:
-            raise ValueError("local_epochs and batch_size must be >= 1 and lr > 0")
-        if len(roi) != 3 or any(int(s) % 16 for s in roi):
-            raise ValueError(f"roi must be three sizes divisible by 16, got {roi}")
-        self.study = study
+        # Checked here, so a bad job config fails at deploy naming the argument (clinfed.arguments).
         # Kept under their argument names: FLARE's job export reads them back from the instance,
         # and silently leaves out any argument it cannot find there.
-        self.local_epochs, self.batch_size, self.lr = int(local_epochs), int(batch_size), float(lr)
-        self.roi = tuple(int(s) for s in roi)
+        self.study = arguments.text("study", study)
+        self.local_epochs = arguments.positive_int("local_epochs", local_epochs)
+        self.batch_size = arguments.positive_int("batch_size", batch_size)
+        self.lr = arguments.positive_number("lr", lr)
+        self.roi = arguments.roi("roi", roi)
         self.config = TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, roi=self.roi)
-        self.ledger_consent = bool(ledger_consent)
-        if dp_target_epsilon is not None and not dp_target_epsilon > 0:
-            raise ValueError(f"dp_target_epsilon must be > 0 (or None for no DP-SGD), got {dp_target_epsilon}")
-        self.dp_target_epsilon = None if dp_target_epsilon is None else float(dp_target_epsilon)
-        self.dp_delta = None if dp_delta is None else float(dp_delta)
-        self.dp_max_grad_norm = float(dp_max_grad_norm)
-        self.dp_accountant = dp_accountant
+        self.ledger_consent = arguments.flag("ledger_consent", ledger_consent)
+        self.dp_target_epsilon = arguments.optional_positive_number("dp_target_epsilon", dp_target_epsilon)
+        self.dp_delta = None if dp_delta is None else arguments.fraction("dp_delta", dp_delta)
+        self.dp_max_grad_norm = arguments.positive_number("dp_max_grad_norm", dp_max_grad_norm)
+        self.dp_accountant = arguments.choice("dp_accountant", dp_accountant, ("prv", "rdp"))
         self._dp: SiteDPSGD | None = None
         self.device = device_for_training()
         self.model = None

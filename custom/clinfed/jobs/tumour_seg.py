@@ -24,10 +24,10 @@ from pathlib import Path
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.job_config.defs import FilterType
-from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.app_opt.pt.job_config.base_fed_job import BaseFedJob
 from nvflare.recipe.spec import Recipe
 
+from clinfed import arguments
 from clinfed.aggregators.fedavg import WeightedFedAvg
 from clinfed.executors.secagg_client import SecAggClient
 from clinfed.executors.seg_executor import SegExecutor
@@ -38,6 +38,7 @@ from clinfed.privacy import PRIVACY_MODES
 from clinfed.training import DEFAULT_BATCH_SIZE, DEFAULT_LOCAL_EPOCHS, DEFAULT_LR, DEFAULT_ROI
 from clinfed.widgets.ledger_recorder import LedgerRecorder
 from clinfed.widgets.round_log import RoundLogWriter
+from clinfed.workflows.fedavg import FedAvg
 from clinfed.workflows.secagg_fedavg import SecAggFedAvg
 
 FEDAVG_JOB_NAME = "tumour_seg_fedavg"
@@ -85,8 +86,10 @@ class TumourSegFedAvgRecipe(Recipe):
                  ledger_policy: str | None = None, privacy: str = "none", dp_target_epsilon: float = 8.0,
                  dp_max_grad_norm: float = 1.0, mask_clip_range: float = 0.5, mask_weight_bound: float = 1e4,
                  mask_noise_multiplier: float = 0.0):
-        if privacy not in PRIVACY_MODES:
-            raise ValueError(f"privacy must be one of {', '.join(PRIVACY_MODES)}, got {privacy!r}")
+        # The recipe's own arguments; the executor and the workflows check theirs when built.
+        arguments.choice("privacy", privacy, PRIVACY_MODES)
+        arguments.positive_int("min_clients", min_clients)
+        arguments.positive_int("num_rounds", num_rounds)
         dp, mask = privacy in ("dp", "dp+mask"), privacy in ("mask", "dp+mask")
         job = BaseFedJob(initial_model=FusionSegNet(), name=name, min_clients=min_clients, key_metric="dice")
         persistor_id = job.comp_ids["persistor_id"]
