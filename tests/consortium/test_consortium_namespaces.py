@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import random
 import socket
 import subprocess
@@ -83,7 +84,7 @@ def test_each_participant_runs_on_a_host_of_its_own(hosts):
     for name in [hosts["state"]["server"], *SITES]:
         seen[name] = namespaces.netns_of_process(running[name])
         assert seen[name] == namespaces.netns_id(placement.host(name).netns), name
-    assert len(set(seen.values())) == 4 and namespaces.netns_of_process(1) not in seen.values()
+    assert len(set(seen.values())) == 4 and namespaces.netns_of_process(os.getpid()) not in seen.values()
     # The server listens at its own address only: this machine's loopback does not have it.
     server_address = placement.host(hosts["state"]["server"]).address
     port = hosts["state"]["port"]
