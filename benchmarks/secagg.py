@@ -175,7 +175,7 @@ def _uploads_per_round(uploads: Path, skip_first: bool = True) -> float | None:
 
 def simenv_section(site_counts: list[int], rounds: int) -> dict:
     from clinfed import audit
-    from clinfed.ledger.settings import LEDGER_ENV, ledger_settings
+    from clinfed.ledger.settings import JOB_ID_ENV, LEDGER_ENV, ledger_settings
     from clinfed.site_config import DATA_ROOT_ENV, SITE_CONFIG_FILE
 
     out = {"model": "MONAI SegResNet init_filters=16", "rounds": rounds,
@@ -199,6 +199,7 @@ def simenv_section(site_counts: list[int], rounds: int) -> dict:
                     (folder / site / SITE_CONFIG_FILE).write_text(json.dumps(policy))
             os.environ[DATA_ROOT_ENV] = str(folder)
             for config in CONFIGS:
+                os.environ[JOB_ID_ENV] = f"bench-{config}-{n_sites}"  # simulator runs all share FLARE's job ID
                 job, uploads = _job(config, sites, rounds, folder, keys)
                 workspace = folder / f"ws_{config}"
                 started = time.perf_counter()
@@ -210,8 +211,8 @@ def simenv_section(site_counts: list[int], rounds: int) -> dict:
                 entry[config] = {"round_s": statistics.median(per_round) if per_round else None,
                                  "rounds_s": per_round, "job_wall_s": time.perf_counter() - started,
                                  "upload_bytes_per_site_round": _uploads_per_round(uploads)}
-            os.environ.pop(LEDGER_ENV, None)
-            os.environ.pop(DATA_ROOT_ENV, None)
+            for name in (LEDGER_ENV, DATA_ROOT_ENV, JOB_ID_ENV):
+                os.environ.pop(name, None)
         plain = entry["plain"]
         for config in CONFIGS[1:]:
             if plain["round_s"] and entry[config]["round_s"]:
