@@ -18,10 +18,11 @@ and its ratio to ``plain``, and bytes each site uploads per round (FOBS-serialis
 its tasks, measured by a result filter at the site) and the ratio to ``plain``. Every
 configuration uses the same task polling (``TASK_CHECK_PERIOD``, ``TASK_REQUEST_INTERVAL``).
 
-``--utility`` measures what update-level DP inside the mask leaves of the model: the demo's job
-(FusionSegNet, real training on synthetic sites, secure aggregation) at 3 and 10 sites, without DP
-and at each ``--noise`` multiplier, federated Dice on the sites' validation patients and the
-site-level epsilon each site spent.
+``--utility`` measures what secure aggregation costs a real job and what update-level DP inside the
+mask leaves of the model: the demo's job (FusionSegNet, real training on synthetic sites) at 3 and
+10 sites, plain FedAvg, with secure aggregation, and with it at each ``--noise`` multiplier:
+federated Dice on the sites' validation patients, seconds per round, and the site-level epsilon
+each site spent.
 
 Usage: python benchmarks/secagg.py [--sites 3 10] [--rounds 5] [--consortium 3 10]
        [--utility [--noise 0.5 1.0] [--clip 1.0] [--skip-timing]]
@@ -175,7 +176,7 @@ def _uploads_per_round(uploads: Path, skip_first: bool = True) -> float | None:
 
 def simenv_section(site_counts: list[int], rounds: int) -> dict:
     from clinfed import audit
-    from clinfed.ledger.settings import LEDGER_ENV, ledger_settings
+    from clinfed.ledger.settings import JOB_ID_ENV, LEDGER_ENV, ledger_settings
     from clinfed.site_config import DATA_ROOT_ENV, SITE_CONFIG_FILE
 
     out = {"model": "MONAI SegResNet init_filters=16", "rounds": rounds,
@@ -199,6 +200,7 @@ def simenv_section(site_counts: list[int], rounds: int) -> dict:
                     (folder / site / SITE_CONFIG_FILE).write_text(json.dumps(policy))
             os.environ[DATA_ROOT_ENV] = str(folder)
             for config in CONFIGS:
+                os.environ[JOB_ID_ENV] = f"bench-{config}-{n_sites}"  # simulator runs all share FLARE's job ID
                 job, uploads = _job(config, sites, rounds, folder, keys)
                 workspace = folder / f"ws_{config}"
                 started = time.perf_counter()
@@ -210,8 +212,8 @@ def simenv_section(site_counts: list[int], rounds: int) -> dict:
                 entry[config] = {"round_s": statistics.median(per_round) if per_round else None,
                                  "rounds_s": per_round, "job_wall_s": time.perf_counter() - started,
                                  "upload_bytes_per_site_round": _uploads_per_round(uploads)}
-            os.environ.pop(LEDGER_ENV, None)
-            os.environ.pop(DATA_ROOT_ENV, None)
+            for name in (LEDGER_ENV, DATA_ROOT_ENV, JOB_ID_ENV):
+                os.environ.pop(name, None)
         plain = entry["plain"]
         for config in CONFIGS[1:]:
             if plain["round_s"] and entry[config]["round_s"]:
@@ -312,11 +314,13 @@ def utility_section(site_counts: list[int], noise_multipliers: list[float], clip
             data = folder / "data"
             synthesise(data, n_sites, config.patients, config.shape, config.seed)
             evaluation = [c for i in range(1, n_sites + 1) for c in split_cases(ingest_site(data / f"site-{i}").cases)[1]]
-            for sigma in [0.0, *noise_multipliers]:
+            for sigma in [None, 0.0, *noise_multipliers]:  # None: plain FedAvg, no secure aggregation
                 recipe = TumourSegFedAvgRecipe(name=PRIVATE_JOB_NAME, min_clients=n_sites, num_rounds=rounds,
                                                local_epochs=config.local_epochs, batch_size=config.batch_size,
-                                               lr=config.lr, roi=config.roi, privacy="mask",
-                                               mask_clip_range=clip if sigma else 0.5, mask_noise_multiplier=sigma)
+                                               lr=config.lr, roi=config.roi, cross_site_eval=False,
+                                               privacy="none" if sigma is None else "mask",
+                                               mask_clip_range=clip if sigma else 0.5,
+                                               mask_noise_multiplier=sigma or 0.0)
                 ledger = folder / f"ledger_{sigma}.sqlite"
                 sites = [f"site-{i}" for i in range(1, n_sites + 1)]
                 prepare_ledger(ledger, data, sites, log=lambda message: None, masking_keys=True)
@@ -328,9 +332,13 @@ def utility_section(site_counts: list[int], noise_multipliers: list[float], clip
                 federated, _ = read_federated_results(server_dir, evaluation, config)
                 with ledger_settings(COORDINATOR, ledger=ledger).open(outbox=False) as client:
                     spent = {c.site: c.site_epsilon for c in sorted(client.contributions(job_id), key=lambda c: c.round)}
-                entry[f"sigma_{sigma:g}"] = {"dice": federated["dice"],
-                                             "dice_per_round": [r["dice"] for r in federated["per_round"]],
-                                             "site_epsilon": spent, "job_s": time.perf_counter() - started}
+                seconds = [r["seconds"] for r in federated["per_round"][1:] if r["seconds"]]
+                entry["plain" if sigma is None else f"secagg_sigma_{sigma:g}"] = {
+                    "dice": federated["dice"], "dice_per_round": [r["dice"] for r in federated["per_round"]],
+                    "round_s": statistics.median(seconds) if seconds else None, "site_epsilon": spent,
+                    "job_s": time.perf_counter() - started}
+            if entry["plain"]["round_s"] and entry["secagg_sigma_0"]["round_s"]:
+                entry["secagg_round_ratio_to_plain"] = entry["secagg_sigma_0"]["round_s"] / entry["plain"]["round_s"]
         out[f"{n_sites}_sites"] = entry
     return out
 

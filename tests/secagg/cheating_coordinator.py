@@ -109,7 +109,7 @@ class CheatingCoordinator(SecAggFedAvg):
     def _keep_masked_input(self, result: FLModel) -> bool:
         site = self._sender(result)
         layout = secagg.layout_of(result.params)
-        ring = secagg.flatten(result.params, layout, dtype=np.uint32)
+        ring = secagg.ring_of(result.params, layout)
         self._hold(f"masked_input_{site}", ring)
         self._inputs[site] = {"ring": ring, "layout": layout}
         return True

@@ -49,7 +49,7 @@ def _round(context, keys, registry, dropped=(), policy=secagg.SecAggPolicy()):
     for site in context.participants:
         secagg.receive_shares(states[site], share_senders=server.share_senders, ciphertexts=relay[site],
                               long_term=keys[site], registry=registry, policy=policy)
-        inputs[site] = secagg.mask(states[site], secagg.encode(updates[site].copy(), weights[site], context).ring)
+        inputs[site] = secagg.mask(states[site], secagg.encode({"w": updates[site]}, [("w", (SIZE,))], weights[site], context).ring)
         if site in survivors:
             total += inputs[site]
     answers = {s: secagg.unmask_answer(states[s], survivors, policy) for s in survivors}

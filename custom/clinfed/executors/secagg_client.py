@@ -25,6 +25,8 @@ import copy
 import fcntl
 import json
 import math
+
+import numpy as np
 import threading
 from pathlib import Path
 
@@ -198,10 +200,10 @@ class SecAggClient(Executor):
         weight = meta.get("n_samples")
         if not isinstance(weight, (int, float)) or weight <= 0:
             raise SecAggRefused(f"the trainer's result meta 'n_samples' must be a positive number, got {weight!r}")
-        flat = secagg.flatten(update.data, layout)
-        meta.update(self._spend_update_dp(state, flat.size, fl_ctx))
+        dimension = sum(int(np.prod(shape, dtype=np.int64)) for _, shape in layout)
+        meta.update(self._spend_update_dp(state, dimension, fl_ctx))
         noise = self._update_dp.requirement.noise if self._update_dp else "distributed"
-        encoded = secagg.encode(flat, float(weight), state.context, noise=noise)
+        encoded = secagg.encode(update.data, layout, float(weight), state.context, noise=noise)
         if encoded.clipped:
             self.log_warning(fl_ctx, f"round {state.context.round}: the update was clipped to the round's range "
                                      f"({state.context.encoding.kind}, {state.context.encoding.clip:g})")

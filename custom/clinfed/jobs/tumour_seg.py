@@ -44,11 +44,11 @@ from clinfed.workflows.secagg_fedavg import SecAggFedAvg
 FEDAVG_JOB_NAME = "tumour_seg_fedavg"
 DEFAULT_ROUNDS = 4
 # FLARE's workflows check for results every 0.5 s by default, so any work a round adds (masking,
-# DP filters) costs a whole period; at 0.1 s a round ends within 0.1 s of its last result.
-TASK_CHECK_PERIOD = 0.1
+# DP filters) costs a whole period; at 0.05 s a round ends within 0.05 s of its last result.
+TASK_CHECK_PERIOD = 0.05
 # A site asks for its next task this long after finishing one (FLARE's server default: 2 s, which
-# a secure-aggregation round, three tasks, would pay three times).
-TASK_REQUEST_INTERVAL = 0.1
+# a secure-aggregation round, two tasks, would pay twice).
+TASK_REQUEST_INTERVAL = 0.05
 PRIVATE_JOB_NAME = "tumour_seg_private"
 # Classes outside clinfed. that our jobs use and FLARE's default allow-list lacks.
 EXTRA_ALLOWED_CLASSES = ("nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",

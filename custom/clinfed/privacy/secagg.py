@@ -447,10 +447,11 @@ def layout_digest(layout) -> str:
     return hashlib.sha256(_canonical([[n, list(s)] for n, s in layout])).hexdigest()
 
 
-def flatten(update: Mapping[str, np.ndarray], layout, dtype=np.float64) -> np.ndarray:
+def ring_of(masked: Mapping[str, np.ndarray], layout) -> np.ndarray:
+    """A masked input's arrays as one ring vector, in ``layout`` order."""
     if not layout:
-        return np.zeros(0, dtype=dtype)
-    return np.concatenate([np.asarray(update[name], dtype=dtype).ravel() for name, _ in layout])
+        return np.zeros(0, dtype=np.uint32)
+    return np.concatenate([np.asarray(masked[name], dtype=np.uint32).ravel() for name, _ in layout])
 
 
 def unflatten(flat: np.ndarray, layout) -> dict[str, np.ndarray]:
@@ -477,36 +478,48 @@ class EncodedUpdate:
     noise_variance: float     # per coordinate, in ring units (0 for exact)
 
 
-def encode(values: np.ndarray, weight: float, context: RoundContext, noise: str = "distributed",
-           rng: np.random.Generator | None = None) -> EncodedUpdate:
-    """The update (float64, flat; worked on in place) as ring elements under the round's encoding
-    (see the module docstring)."""
+def encode(update: Mapping[str, np.ndarray], layout, weight: float, context: RoundContext,
+           noise: str = "distributed", rng: np.random.Generator | None = None) -> EncodedUpdate:
+    """The update as ring elements, in ``layout`` order, under the round's encoding (see the module
+    docstring). Works parameter by parameter into one ring buffer: at millions of parameters a
+    flat float64 copy of the whole update costs more than the encoding."""
     encoding, scale = context.encoding, context.scale
     if not 0 < weight <= encoding.total_weight:
         raise SecAggRefused(f"weight {weight} must be > 0 and <= the round's total_weight {encoding.total_weight}")
-    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise SecAggRefused("the update has NaN or infinite values; refusing to encode it")
-    if encoding.kind == "exact":
-        clipped = int(max(-low, high) > encoding.clip)
-        np.clip(values, -encoding.clip, encoding.clip, out=values)
-        values *= float(weight) * scale
-        np.rint(values, out=values)
-        # |values| <= 2^31 - 1 - N by the choice of scale: int32 holds them, and its bits are the ring's.
-        return EncodedUpdate(values.astype(np.int32).view(np.uint32), clipped, 0.0)
     if noise not in NOISE_MODES:
         raise SecAggRefused(f"noise must be one of {NOISE_MODES}, got {noise!r}")
-    norm = float(np.linalg.norm(values))
-    factor = min(1.0, encoding.clip / norm) if norm > 0 else 1.0
-    values *= factor * float(weight) / encoding.total_weight * scale
-    np.rint(values, out=values)
-    divisor = context.threshold if noise == "distributed" else 1
-    variance = (encoding.noise_multiplier * scale * encoding.clip) ** 2 / divisor
-    rng = rng or noise_rng()
-    # Skellam(variance): the difference of two Poisson(variance / 2) draws.
-    skellam = rng.poisson(variance / 2, values.size) - rng.poisson(variance / 2, values.size)
-    ring = (values.astype(np.int64) + skellam).astype(np.uint32)
-    return EncodedUpdate(ring, int(factor < 1.0), variance)
+    arrays = [np.asarray(update[name]).ravel() for name, _ in layout]
+    extremes = [(float(a.min()), float(a.max())) for a in arrays if a.size]
+    if not all(math.isfinite(low) and math.isfinite(high) for low, high in extremes):
+        raise SecAggRefused("the update has NaN or infinite values; refusing to encode it")
+    if encoding.kind == "exact":
+        clipped = int(any(max(-low, high) > encoding.clip for low, high in extremes))
+        factor, variance = float(weight) * scale, 0.0
+    else:
+        norm = math.sqrt(sum(float(np.dot(a, a)) for a in (x.astype(np.float64) for x in arrays)))
+        clipped = int(norm > encoding.clip)
+        factor = (min(1.0, encoding.clip / norm) if norm > 0 else 1.0) * float(weight) / encoding.total_weight * scale
+        divisor = context.threshold if noise == "distributed" else 1
+        variance = (encoding.noise_multiplier * scale * encoding.clip) ** 2 / divisor
+        rng = rng or noise_rng()
+    ring = np.empty(sum(a.size for a in arrays), dtype=np.uint32)
+    offset = 0
+    for array in arrays:
+        values = array.astype(np.float64)  # a private copy, worked on in place
+        if encoding.kind == "exact":
+            np.clip(values, -encoding.clip, encoding.clip, out=values)
+        values *= factor
+        np.rint(values, out=values)
+        if encoding.kind == "exact":
+            # |values| <= 2^31 - 1 - N by the choice of scale: int32 holds them, its bits are the ring's.
+            encoded = values.astype(np.int32).view(np.uint32)
+        else:
+            # Skellam(variance): the difference of two Poisson(variance / 2) draws; wraps into the ring.
+            noise_draw = rng.poisson(variance / 2, values.size) - rng.poisson(variance / 2, values.size)
+            encoded = (values.astype(np.int64) + noise_draw).astype(np.uint32)
+        ring[offset:offset + values.size] = encoded
+        offset += values.size
+    return EncodedUpdate(ring, clipped, variance)
 
 
 def decode_sum(total: np.ndarray, weight_sum: float, context: RoundContext) -> np.ndarray:

@@ -68,7 +68,7 @@ class SecAggFedAvg(BaseFedAvg):
                  model: dict | None = None, threshold: int | None = None, encoding: str = "exact",
                  clip: float = 0.5, weight_bound: float = 1e4, noise_multiplier: float = 0.0,
                  setup_timeout: int = 120, train_timeout: int = 0, unmask_timeout: int = 120,
-                 task_check_period: float = 0.1):
+                 task_check_period: float = 0.05):
         super().__init__(num_clients=num_clients, num_rounds=num_rounds, persistor_id=persistor_id,
                          ignore_result_error=True, task_check_period=task_check_period)
         if not isinstance(num_rounds, int) or num_rounds < 1:
@@ -265,7 +265,7 @@ class SecAggFedAvg(BaseFedAvg):
         if problem:
             self.warning(f"round {context.round}: masked input of {site} refused: {problem}")
             return False
-        flat = secagg.flatten(params, layout, dtype=np.uint32)
+        flat = secagg.ring_of(params, layout)
         if self._masked_sum is None:
             self._masked_sum = flat
         else:
