@@ -23,6 +23,7 @@ from pathlib import Path
 
 from clinfed.errors import ClinfedError
 
+from . import namespaces
 from .provision import load_state, tool_env
 
 RUN_DIR = "run"
@@ -95,13 +96,16 @@ def recorded_processes(out: str | Path) -> dict[str, int]:
 
 
 def start_participant(out: Path, kit: Path, name: str, env: dict | None = None) -> subprocess.Popen:
-    """Start one participant's kit (``sub_start.sh --once``) in its own process group."""
+    """Start one participant's kit (``sub_start.sh --once``) in its own process group, on its own
+    host when the trial is placed in network namespaces (:func:`up_in_namespaces`)."""
     log = _run_dir(out) / f"{name}.out"
     log.parent.mkdir(parents=True, exist_ok=True)
     for stale in ("pid.fl", "shutdown.fl", "restart.fl", "daemon_pid.fl"):
         (kit / stale).unlink(missing_ok=True)
+    placement = namespaces.load(_run_dir(out))
+    host = placement.command_prefix(name) if placement is not None else []
     with open(log, "ab") as handle:
-        return subprocess.Popen(["bash", str(kit / "startup" / "sub_start.sh"), "--once"], cwd=kit,
+        return subprocess.Popen([*host, "bash", str(kit / "startup" / "sub_start.sh"), "--once"], cwd=kit,
                                 stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env or tool_env(), start_new_session=True)
 
@@ -194,6 +198,42 @@ def up(out: str | Path, sites: list[str] | None = None, timeout: float = 180.0, 
     seconds = time.monotonic() - started_at
     log(f"{len(sites)} site(s) connected after {seconds:.1f} s")
     return UpResult(running, seconds, sites)
+
+
+def up_in_namespaces(out: str | Path, sites: list[str] | None = None, timeout: float = 180.0,
+                     log=lambda m: None) -> UpResult:
+    """:func:`up`, with the server and every site on a host of its own: a Linux network namespace
+    with its own address (:mod:`clinfed.consortium.namespaces`), the stand-in for hospitals on
+    separate hosts. The namespaces are made on the first call and kept (a site started later goes
+    to its own) until :func:`remove_namespaces`."""
+    out = Path(out).resolve()
+    state = load_state(out)
+    if namespaces.load(_run_dir(out)) is None:
+        running = [n for n, pid in recorded_processes(out).items() if _alive(pid)]
+        if running:
+            raise TrialError(f"{', '.join(running)} already run on this machine's own network; "
+                             f"`clinfed consortium down {out}` first")
+        placement = namespaces.plan(state["server"], state["host"], list(state["sites"]))
+        namespaces.create(placement)
+        namespaces.save(placement, _run_dir(out))
+        log(f"network namespaces on {placement.subnet}.0/24 (bridge {placement.bridge}): "
+            + ", ".join(f"{n} {h['address']}" for n, h in placement.hosts.items()))
+    return up(out, sites=sites, timeout=timeout, log=log)
+
+
+def remove_namespaces(out: str | Path, log=lambda m: None) -> bool:
+    """Remove a trial's network namespaces once none of its participants runs; False if it had none."""
+    out = Path(out).resolve()
+    placement = namespaces.load(_run_dir(out))
+    if placement is None:
+        return False
+    running = [n for n, pid in recorded_processes(out).items() if _alive(pid)]
+    if running:
+        raise TrialError(f"{', '.join(running)} still run in the trial's namespaces; stop them first")
+    namespaces.destroy(placement)
+    namespaces.forget(_run_dir(out))
+    log(f"removed the network namespaces on {placement.subnet}.0/24")
+    return True
 
 
 def _descendants(pid: int) -> list[int]:
