@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
@@ -39,8 +40,20 @@ class ConsoleWatcher(Watcher):
 
     @contextlib.contextmanager
     def arm(self, name: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
-        with tqdm(total=total, desc=name, unit=unit, file=self.bars, leave=True, mininterval=1.0) as bar:
-            yield bar.update
+        """A bar that redraws its line on a terminal; elsewhere (a pipe, a log file) one line when
+        the arm is done, so a log holds one line per arm."""
+        if self.bars.isatty():
+            with tqdm(total=total, desc=name, unit=unit, file=self.bars, leave=True, mininterval=1.0) as bar:
+                yield bar.update
+            return
+        done, started = 0, time.perf_counter()
+
+        def advance(n: int = 1) -> None:
+            nonlocal done
+            done += n
+
+        yield advance
+        print(f"{name}: {done}/{total} {unit}s in {time.perf_counter() - started:.1f} s", file=self.bars, flush=True)
 
     def federated_round(self, entry: dict, spend: dict | None) -> None:
         tqdm.write(round_line(entry, self.total_rounds, spend), file=self.out)

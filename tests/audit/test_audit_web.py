@@ -179,14 +179,17 @@ def test_a_dropped_model_file_is_verified_and_a_tampered_one_is_not(demo_run, se
     open_page(browser, server, f"/jobs/{job_id}")
     final_round = demo_run.results["ledger"]["model_round"]
     for path, verdict in ((model, "VERIFIED"), (tampered, "NOT VERIFIED")):
+        browser.execute_script("document.getElementById('verify-result').replaceChildren();"
+                               "document.getElementById('model-file').value = '';")
         browser.find_element("id", "model-file").send_keys(str(path))
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            shown = browser.find_elements("id", "verify-verdict")
-            if shown and shown[0].text in ("VERIFIED", "NOT VERIFIED"):
+            shown = browser.execute_script("const v = document.getElementById('verify-verdict');"
+                                           "return v ? v.textContent : null;")
+            if shown in ("VERIFIED", "NOT VERIFIED"):
                 break
             time.sleep(0.2)
-        assert shown[0].text == verdict
+        assert shown == verdict
         detail = browser.find_element("id", "verify-result").text
         if verdict == "VERIFIED":
             assert f"recorded as the global model of round {final_round} of job {job_id}" in detail

@@ -5,11 +5,16 @@ back on the console with ``--verbose``."""
 from __future__ import annotations
 
 import hashlib
+import io
+import os
+import pty
 import re
+import select
 from pathlib import Path
 
 from demo_run import ARGS, SITES
 from clinfed.data.synth import synthesise
+from clinfed.demo import ConsoleWatcher
 from clinfed.experiment import DemoConfig, files_only_log_config, prepare_ledger, run_federated
 from clinfed.jobs.tumour_seg import TumourSegFedAvgRecipe
 
@@ -30,13 +35,32 @@ def test_demo_prints_at_most_60_lines_and_none_of_flares_log(demo_run):
     assert not [line for line in lines if FLARE_LOG_LINE.search(line)]
 
 
-def test_demo_shows_one_finished_progress_bar_per_arm(demo_run):
-    # --quick trains 1 local epoch a round, so every arm's budget is ROUNDS epochs (federated: ROUNDS rounds).
-    shown = [line.split("\r")[-1] for line in demo_run.stderr.split("\n")]
+def test_demo_shows_one_progress_line_per_arm_in_a_log(demo_run):
+    """stderr is a pipe here: each arm is one line when it is done. (--quick trains 1 local epoch a
+    round, so every arm's budget is ROUNDS epochs; federated: ROUNDS rounds.)"""
+    lines = demo_run.stderr.splitlines()
     for arm in ARMS:
-        bars = [line for line in shown if line.startswith(f"{arm}: ")]
-        assert len(bars) == 1, (arm, shown)
-        assert "100%" in bars[0] and f" {ROUNDS}/{ROUNDS} [" in bars[0], bars[0]
+        unit = "rounds" if arm == "federated" else "epochs"
+        mine = [line for line in lines if line.startswith(f"{arm}: ")]
+        assert len(mine) == 1, (arm, lines)
+        assert re.fullmatch(rf"{re.escape(arm)}: {ROUNDS}/{ROUNDS} {unit} in \d+\.\d s", mine[0]), mine[0]
+
+
+def test_on_a_terminal_an_arm_is_one_bar_redrawn_in_place():
+    master, follower = pty.openpty()
+    shown = b""
+    with os.fdopen(follower, "w", encoding="utf-8") as terminal:
+        watcher = ConsoleWatcher(total_rounds=3, out=io.StringIO(), bars=terminal)
+        with watcher.arm("centralised", 3, "epoch") as advance:
+            for _ in range(3):
+                advance(1)
+        terminal.flush()
+        while select.select([master], [], [], 0.5)[0]:
+            shown += os.read(master, 65536)
+    os.close(master)
+    text = shown.decode("utf-8")
+    assert text.count("\n") == 1 and "\r" in text, repr(text)
+    assert text.rstrip().split("\r")[-1].startswith("centralised: 100%") and "3/3" in text, repr(text)
 
 
 def test_demo_prints_one_line_per_federated_round_matching_results(demo_run):
