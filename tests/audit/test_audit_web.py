@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 import subprocess
 import threading
@@ -269,3 +270,21 @@ def test_serve_refuses_to_read_as_another_site_with_this_sites_configuration(dem
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "holds the ledger identity of site-1, not of site-2" in proc.stderr
+
+
+def test_serve_refuses_a_ledger_that_fails_verification(demo_run, tmp_path):
+    """A copy of the demo's ledger with one consent record's block edited: the view does not start
+    on it and names the block (the ledger checks its chain when opened)."""
+    import sqlite3
+
+    copy = tmp_path / "ledger.sqlite"
+    shutil.copy(demo_run.ledger_path, copy)
+    shutil.copytree(demo_run.ledger_path.with_name("ledger.sqlite.identities"),
+                    tmp_path / "ledger.sqlite.identities")
+    with sqlite3.connect(copy) as db:
+        number, header = db.execute("SELECT number, header FROM blocks WHERE number = 3").fetchone()
+        db.execute("UPDATE blocks SET header = ? WHERE number = ?", (header.replace(b'"number"', b'"Number"'), number))
+    proc = subprocess.run([clinfed_command(), "audit", "serve", "--port", "0", "--ledger", str(copy), "--as", SITE],
+                          env=clean_environment(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "block 3 fails verification" in proc.stderr and "http://" not in proc.stdout
