@@ -10,12 +10,21 @@ For each site count (default 3 and 10), FLARE's simulator runs the same 4.7M-par
   sites' policy then accepts rounds of 2, below the default minimum of 3).
 
 Sites do not train (each returns a random update of the model's size), so the difference is the
-protocol. Reported per configuration: seconds per round (median over the rounds after the first)
+protocol. ``--consortium N ...`` repeats ``plain`` and ``secagg`` in a provisioned trial consortium
+of N sites (server and sites as separate FLARE processes from their startup kits, jobs submitted
+through the FLARE API, each site's key registered by the site); the benchmark's no-training site
+is custom code, so that trial allows BYOC to its lead, which a real consortium never does. Reported per configuration: seconds per round (median over the rounds after the first)
 and its ratio to ``plain``, and bytes each site uploads per round (FOBS-serialised results of all
 its tasks, measured by a result filter at the site) and the ratio to ``plain``. Every
 configuration uses the same task polling (``TASK_CHECK_PERIOD``, ``TASK_REQUEST_INTERVAL``).
 
-Usage: python benchmarks/secagg.py [--sites 3 10] [--rounds 5]
+``--utility`` measures what update-level DP inside the mask leaves of the model: the demo's job
+(FusionSegNet, real training on synthetic sites, secure aggregation) at 3 and 10 sites, without DP
+and at each ``--noise`` multiplier, federated Dice on the sites' validation patients and the
+site-level epsilon each site spent.
+
+Usage: python benchmarks/secagg.py [--sites 3 10] [--rounds 5] [--consortium 3 10]
+       [--utility [--noise 0.5 1.0] [--clip 1.0] [--skip-timing]]
 """
 
 from __future__ import annotations
@@ -144,7 +153,8 @@ def _job(config: str, sites: list[str], rounds: int, folder: Path, keys: dict):
             job.to(trainer, site, tasks=tasks)
         else:
             tasks = ["train", SETUP_TASK, UNMASK_TASK]
-            job.to(SecAggClient(trainer=trainer, private_key_file=str(keys[site])), site, tasks=tasks)
+            key = str(keys[site]) if keys else None  # None: the site's own masking_key_file
+            job.to(SecAggClient(trainer=trainer, private_key_file=key), site, tasks=tasks)
         job.to(UploadMeter(str(uploads)), site, filter_type=FilterType.TASK_RESULT, tasks=tasks)
     return job, uploads
 
@@ -213,10 +223,128 @@ def simenv_section(site_counts: list[int], rounds: int) -> dict:
     return out
 
 
+def consortium_section(site_counts: list[int], rounds: int) -> dict:
+    import socket
+
+    import yaml
+
+    from clinfed import audit
+    from clinfed.consortium import trial
+    from clinfed.consortium.provision import load_state, provision
+    from clinfed.ledger.settings import ledger_settings
+
+    out = {"model": "MONAI SegResNet init_filters=16", "rounds": rounds,
+           "note": "provisioned trial on this machine; no training; BYOC allowed to the lead for the benchmark's "
+                   "no-training site only"}
+    repo = Path(__file__).resolve().parents[1]
+    for n_sites in site_counts:
+        entry = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            definition = yaml.safe_load((repo / "provisioning" / "consortium.yml").read_text())
+            sites = [f"site-{i}" for i in range(1, n_sites + 1)]
+            definition["orgs"] = [o for o in definition["orgs"] if o["name"] == "coordinator"] + [
+                {"name": f"hospital_{i}"} for i in range(1, n_sites + 1)]
+            definition["sites"] = [{"name": s, "org": f"hospital_{i}",
+                                    "privacy": {"scopes": ["public"], "default_scope": "public"}}
+                                   for i, s in enumerate(sites, 1)]
+            definition["admins"] = [a for a in definition["admins"] if a["role"] == "lead"]
+            (folder / "consortium.yml").write_text(yaml.safe_dump(definition, sort_keys=False))
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            with _stdout_to_stderr():
+                provision(folder / "consortium.yml", folder / "trial", port=port)
+            state = load_state(folder / "trial")
+            for name in [state["server"], *sites]:  # the benchmark's site is custom code (BYOC)
+                authorization = Path(state["kits"][name]) / "local" / "authorization.json"
+                policy = json.loads(authorization.read_text())
+                policy["permissions"]["lead"]["byoc"] = "any"
+                authorization.write_text(json.dumps(policy))
+            keys = {}
+            for site in sites:
+                local = Path(state["kits"][site]) / "local"
+                keys[site] = local / "masking_key.pem"
+                with ledger_settings(site, site_config_dir=local).open(outbox=False) as client:
+                    audit.register_masking_key(client, site, keys[site])
+            try:
+                with _stdout_to_stderr():
+                    trial.up(folder / "trial", sites=sites, timeout=600)
+                for config in ("plain", "secagg"):
+                    job, _ = _job(config, sites, rounds, folder, keys=None)
+                    job.export_job(str(folder / "jobs"))
+                    started = time.perf_counter()
+                    with trial.admin_session(folder / "trial") as session:
+                        job_id = session.submit_job(str(folder / "jobs" / job.name))
+                        session.monitor_job(job_id, timeout=1800, poll_interval=1.0)
+                        status = session.get_job_meta(job_id)["status"]
+                        result = Path(session.download_job_result(job_id))
+                    log = "\n".join(p.read_text(errors="replace") for p in result.rglob("log.txt"))
+                    per_round = _round_times(log)[1:]
+                    entry[config] = {"status": status, "round_s": statistics.median(per_round) if per_round else None,
+                                     "rounds_s": per_round, "submit_to_end_s": time.perf_counter() - started}
+            finally:
+                with _stdout_to_stderr():
+                    trial.down(folder / "trial")
+        if entry.get("plain", {}).get("round_s") and entry.get("secagg", {}).get("round_s"):
+            entry["secagg"]["round_ratio_to_plain"] = entry["secagg"]["round_s"] / entry["plain"]["round_s"]
+        out[f"{n_sites}_sites"] = entry
+    return out
+
+
+def utility_section(site_counts: list[int], noise_multipliers: list[float], clip: float, rounds: int) -> dict:
+    from clinfed.data.ingest import ingest_site
+    from clinfed.data.synth import synthesise
+    from clinfed.demo import DemoConfig, new_job_id, prepare_ledger, read_federated_results, run_federated
+    from clinfed.jobs.tumour_seg import PRIVATE_JOB_NAME, TumourSegFedAvgRecipe
+    from clinfed.ledger.settings import COORDINATOR, ledger_settings
+    from clinfed.training import split_cases
+
+    out = {"job": "the demo's federated job with secure aggregation (FusionSegNet, real training)",
+           "clip_norm": clip, "note": "federated Dice on the union of the sites' validation patients; "
+                                      "site-level epsilon at delta 1e-5 after the job, per site"}
+    for n_sites in site_counts:
+        config = DemoConfig(sites=n_sites, patients=16, shape=(32, 32, 16), seed=0, rounds=rounds, local_epochs=2,
+                            privacy="mask")
+        entry = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            data = folder / "data"
+            synthesise(data, n_sites, config.patients, config.shape, config.seed)
+            evaluation = [c for i in range(1, n_sites + 1) for c in split_cases(ingest_site(data / f"site-{i}").cases)[1]]
+            for sigma in [0.0, *noise_multipliers]:
+                recipe = TumourSegFedAvgRecipe(name=PRIVATE_JOB_NAME, min_clients=n_sites, num_rounds=rounds,
+                                               local_epochs=config.local_epochs, batch_size=config.batch_size,
+                                               lr=config.lr, roi=config.roi, privacy="mask",
+                                               mask_clip_range=clip if sigma else 0.5, mask_noise_multiplier=sigma)
+                ledger = folder / f"ledger_{sigma}.sqlite"
+                sites = [f"site-{i}" for i in range(1, n_sites + 1)]
+                prepare_ledger(ledger, data, sites, log=lambda message: None, masking_keys=True)
+                job_id = new_job_id(f"utility-{n_sites}-{sigma}")
+                started = time.perf_counter()
+                with _stdout_to_stderr():
+                    server_dir = run_federated(data, folder / f"ws_{sigma}", config, ledger_path=ledger, job_id=job_id,
+                                               recipe=recipe)
+                federated, _ = read_federated_results(server_dir, evaluation, config)
+                with ledger_settings(COORDINATOR, ledger=ledger).open(outbox=False) as client:
+                    spent = {c.site: c.site_epsilon for c in sorted(client.contributions(job_id), key=lambda c: c.round)}
+                entry[f"sigma_{sigma:g}"] = {"dice": federated["dice"],
+                                             "dice_per_round": [r["dice"] for r in federated["per_round"]],
+                                             "site_epsilon": spent, "job_s": time.perf_counter() - started}
+        out[f"{n_sites}_sites"] = entry
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, nargs="+", default=[3, 10])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--consortium", type=int, nargs="*", default=[],
+                        help="also measure a provisioned trial consortium of these sizes (minutes each)")
+    parser.add_argument("--utility", action="store_true", help="also measure the model update DP leaves (minutes)")
+    parser.add_argument("--noise", type=float, nargs="+", default=[0.5, 1.0])
+    parser.add_argument("--clip", type=float, default=1.0)
+    parser.add_argument("--skip-timing", action="store_true", help="only the sections asked for besides timing")
     args = parser.parse_args()
     started = time.perf_counter()
     report = {"benchmark": "secagg", "host": platform.node(), "python": platform.python_version(),
@@ -224,7 +352,11 @@ def main() -> None:
               "anchors": {"flare_he_round_ratio": {"3_sites": 11, "10_sites": 22},
                           "flower_secaggplus_round_ratio": {"3_sites": 4.0, "10_sites": "4.5-5.9"},
                           "bonawitz_upload_ratio": 1.73},
-              "simenv": simenv_section(args.sites, args.rounds)}
+              "simenv": None if args.skip_timing else simenv_section(args.sites, args.rounds)}
+    if args.utility:
+        report["update_dp_utility"] = utility_section(args.sites, args.noise, args.clip, args.rounds)
+    if args.consortium:
+        report["provisioned_consortium"] = consortium_section(args.consortium, args.rounds)
     report["wall_s"] = time.perf_counter() - started
     print(json.dumps(report, indent=1))
 

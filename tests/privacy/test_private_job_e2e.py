@@ -78,7 +78,7 @@ def test_contributions_are_masked_and_report_the_dp_spend_within_budget(private_
     for contribution in contributions:
         assert 0 < contribution.patient_epsilon <= TARGET_EPSILON
         assert contribution.site_epsilon is None  # no update-level DP in this job: units never merged
-        assert 0 < contribution.delta < 1
+        assert 0 < contribution.patient_delta < 1
     # The spend grows round by round and the job's plan ends within the budget.
     by_site = {}
     for contribution in contributions:

@@ -154,7 +154,9 @@ class SecAggClient(Executor):
         """Check a round's context and make this site's setup message for it."""
         context = secagg.RoundContext.from_meta(context_meta)
         site = fl_ctx.get_identity_name()
-        secagg.check_context(context, site=site, job_id=str(fl_ctx.get_job_id()), registry=self._registry,
+        from clinfed.ledger.settings import ledger_job_id
+
+        secagg.check_context(context, site=site, job_id=ledger_job_id(fl_ctx.get_job_id()), registry=self._registry,
                              policy=self._policy)
         self._claim(fl_ctx, site, context)
         state, reply = secagg.setup(context, site=site, long_term=self._long_term, registry=self._registry)

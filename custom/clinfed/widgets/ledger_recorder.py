@@ -35,6 +35,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
 from clinfed.filters.contribution_record import update_sha256
+from clinfed.filters.release_guard import GUARD_HEADER
 from clinfed.privacy.secagg import REFUSAL_HEADER
 from clinfed.privacy.spend import DECLINE_HEADER, spend_by_unit
 from clinfed.ledger import Absence, DuplicateRecord, GlobalModel, LedgerError, sha256_file
@@ -164,6 +165,8 @@ class LedgerRecorder(Widget):
                     reason = "site declined: privacy budget spent"
                 elif result.get_header(REFUSAL_HEADER):
                     reason = f"site refused secure aggregation: {result.get_header(REFUSAL_HEADER)}"
+                elif result.get_header(GUARD_HEADER):
+                    reason = f"strict privacy scope released nothing: {result.get_header(GUARD_HEADER)}"
                 elif rc and rc != ReturnCode.OK:
                     reason = f"site returned {rc}"
             with self._lock:  # the reason seen with the reply itself (``_submission``) stays
@@ -179,6 +182,8 @@ class LedgerRecorder(Widget):
             reason = f"site declined: {result.get_header(DECLINE_HEADER)}"
         elif result.get_header(REFUSAL_HEADER):
             reason = f"site refused secure aggregation: {result.get_header(REFUSAL_HEADER)}"
+        elif result.get_header(GUARD_HEADER):
+            reason = f"strict privacy scope released nothing: {result.get_header(GUARD_HEADER)}"
         else:
             reason = f"site returned {result.get_return_code()}"
         with self._lock:

@@ -31,6 +31,7 @@ from nvflare.fuel.utils import fobs
 from nvflare.fuel.utils.log_utils import center_message
 
 from clinfed.aggregators.fedavg import weighted_site_metrics
+from clinfed.ledger.settings import ledger_job_id
 from clinfed.privacy import secagg
 from clinfed.privacy.errors import SecAggRefused
 
@@ -146,7 +147,8 @@ class SecAggFedAvg(BaseFedAvg):
         bound = self.weight_bound if None in known else min(self.weight_bound, WEIGHT_HEADROOM * sum(known))
         encoding = secagg.Encoding(self.encoding, self.clip, bound, self.noise_multiplier)
         round_ = self.current_round if round_ is None else round_
-        return secagg.RoundContext(str(self.fl_ctx.get_job_id()), int(round_), tuple(participants),
+        # The job's ID as its records carry it (simulator runs all share FLARE's "simulate_job").
+        return secagg.RoundContext(ledger_job_id(self.fl_ctx.get_job_id()), int(round_), tuple(participants),
                                    min(threshold, n), encoding)
 
     def _accept_setup(self, server: secagg.ServerRound, sender: str, message) -> None:
