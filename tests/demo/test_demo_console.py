@@ -1,6 +1,6 @@
 """What ``clinfed demo`` shows on the console: a short, watchable run (a progress bar per arm, a
-line per federated round), FLARE's logs in files under the output folder, and the full logs
-back on the console with ``--verbose``."""
+line per federated round with the privacy spent), FLARE's logs in files under the output
+folder, and the full logs back on the console with ``--verbose``."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 from demo_run import ARGS, SITES
 from clinfed.data.synth import synthesise
 from clinfed.demo import ConsoleWatcher
-from clinfed.experiment import DemoConfig, files_only_log_config, prepare_ledger, run_federated
-from clinfed.jobs.tumour_seg import TumourSegFedAvgRecipe
+from clinfed.experiment import DemoConfig, run_experiment
+from clinfed.report import round_line
 
 ROUNDS = int(ARGS[ARGS.index("--rounds") + 1])
 ARMS = ["centralised", *(f"local-only {site}" for site in SITES), "federated"]
@@ -90,29 +90,34 @@ def test_demo_closes_with_where_the_results_report_and_audit_view_are(demo_run):
     assert demo_run.site_config("site-1").is_file()
 
 
-def test_verbose_run_shows_flares_log_on_the_console_and_a_quiet_run_does_not(tmp_path, capfd):
-    """The same small job twice: with FLARE's defaults (what ``--verbose`` keeps) its log lines
-    reach the console; with the files-only configuration (the default demo) only its files."""
-    config = DemoConfig(sites=2, patients=10, shape=(32, 32, 16), seed=3, rounds=1, local_epochs=1)
+def test_verbose_private_run_shows_flares_log_and_each_rounds_spend_per_unit(tmp_path, capfd):
+    """A small DP run of the experiment with FLARE's logs on the console (what ``--verbose`` does):
+    FLARE's log lines reach the console, and each round's line shows every site's patient-level
+    epsilon as the ledger recorded it, the figures results.json keeps (site-level: none, never merged)."""
+    config = DemoConfig(sites=2, patients=10, shape=(32, 32, 16), seed=3, rounds=2, local_epochs=1, privacy="dp")
     data = tmp_path / "data"
     # Keys that give each site validation patients with this seed (as tests/audit/conftest.py).
     for site, seed in {"site-1": "clinfed-e2e-site-1-1", "site-2": "clinfed-e2e-site-2-0"}.items():
         (data / site).mkdir(parents=True)
         (data / site / "site_secret.key").write_text(hashlib.sha256(seed.encode()).hexdigest() + "\n")
     synthesise(data, config.sites, config.patients, config.shape, config.seed)
-    recipe = TumourSegFedAvgRecipe(min_clients=2, num_rounds=1, local_epochs=1, cross_site_eval=False)
-    for mode in ("verbose", "quiet"):
-        workspace = tmp_path / mode
-        log_config = files_only_log_config(workspace) if mode == "quiet" else None
-        ledger = workspace / "ledger.sqlite"
-        prepare_ledger(ledger, data, SITES[:2], log=lambda message: None)
-        capfd.readouterr()
-        run_federated(data, workspace, config, ledger_path=ledger, recipe=recipe, flare_log_config=log_config)
-        captured = capfd.readouterr()
-        console = [line for line in (captured.out + captured.err).splitlines() if FLARE_LOG_LINE.search(line)]
-        for participant in ("server", *SITES[:2]):
-            assert FLARE_LOG_LINE.search((workspace / recipe.name / participant / "log.txt").read_text())
-        if mode == "verbose":
-            assert len(console) > 20, (captured.out + captured.err)[-2000:]
-        else:
-            assert console == [], console[:5]
+    out, bars = io.StringIO(), io.StringIO()
+    results = run_experiment(data, tmp_path, config, ConsoleWatcher(config.rounds, out=out, bars=bars),
+                             flare_logs_to_files=False)
+    captured = capfd.readouterr()
+    assert len([line for line in (captured.out + captured.err).splitlines() if FLARE_LOG_LINE.search(line)]) > 20
+    assert "FLARE logs:" not in out.getvalue()
+
+    spend = results["privacy"]["per_round"]
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("round ")]
+    assert len(lines) == len(spend) == config.rounds
+    previous = {site: 0.0 for site in SITES[:2]}
+    for line, entry, after in zip(lines, results["federated"]["per_round"], spend):
+        assert line == round_line(entry, config.rounds, after)
+        assert after["site_epsilon"] == {site: None for site in SITES[:2]} and after["site_delta"] is None
+        for site, epsilon in after["patient_epsilon"].items():
+            assert previous[site] < epsilon <= config.dp_target_epsilon
+            assert f"{site} {epsilon:.2f}" in line
+            previous[site] = epsilon
+        assert f"eps patient-level (delta {after['patient_delta']:.2g}):" in line and "site-level" not in line
+    assert results["privacy"]["patient_level"]["epsilon"] == spend[-1]["patient_epsilon"]
