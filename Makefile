@@ -12,9 +12,10 @@ $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV)
 	@$(BIN)/pip install --quiet --upgrade pip
 
-# Re-install only when the dependency list changes.
+# Re-install only when the dependency list changes. pip's and the build backend's chatter goes to
+# a log, shown only if the install fails, so `make demo` prints the demo.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	@$(BIN)/pip install --quiet -e .
+	@$(BIN)/pip install --quiet -e . > $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
 	@touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python

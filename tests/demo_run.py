@@ -1,6 +1,6 @@
-"""One ``clinfed demo`` run as a user starts it, shared by the demo's console and report tests
-(tests/demo) and the audit web view's tests (tests/audit): made once per test session, in the
-session's temporary folder, whichever test folder asks first."""
+"""One ``make demo`` run as a user starts it (the quick demo, 2 rounds), shared by the demo's
+console and report tests (tests/demo) and the audit web view's tests (tests/audit): made once per
+test session, in the session's temporary folder, whichever test folder asks first."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ARGS = ["--quick", "--rounds", "2"]
+REPOSITORY = Path(__file__).resolve().parents[1]
 SITES = ["site-1", "site-2", "site-3"]
 # A site's pseudonymisation key is a random secret and the validation split follows the keyed
 # pseudonyms; these fixed keys give every site validation patients on the quick demo's data.
@@ -47,8 +48,10 @@ def clinfed_command() -> str:
 
 
 def clean_environment() -> dict:
-    """The environment of a user's shell: no simulator or ledger variables from other tests."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("CLINFED_")}
+    """The environment of a user's shell: no simulator or ledger variables from other tests, and
+    no make variables of a ``make test`` this may run under."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("CLINFED_") and k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
 
 
 def shared_demo_run(tmp_path_factory) -> DemoRun:
@@ -59,8 +62,8 @@ def shared_demo_run(tmp_path_factory) -> DemoRun:
         for site, seed in SITE_KEYS.items():
             (out / "data" / site).mkdir(parents=True)
             (out / "data" / site / "site_secret.key").write_text(hashlib.sha256(seed.encode()).hexdigest() + "\n")
-        proc = subprocess.run([clinfed_command(), "demo", *ARGS, "--out", str(out)], env=clean_environment(),
-                              capture_output=True, text=True, timeout=1200)
+        proc = subprocess.run(["make", "demo", f"DEMO_OUT={out}", f"DEMO_FLAGS={' '.join(ARGS)}"], cwd=REPOSITORY,
+                              env=clean_environment(), capture_output=True, text=True, timeout=1200)
         record.write_text(json.dumps({"out": str(out), "returncode": proc.returncode, "stdout": proc.stdout,
                                       "stderr": proc.stderr}))
     saved = json.loads(record.read_text())

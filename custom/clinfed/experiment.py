@@ -523,6 +523,44 @@ class _SpendReader:
         self._ledger.close()
 
 
+def federated_arm(data_dir: Path, out_dir: Path, config: DemoConfig, evaluation: list[Case], watcher: Watcher,
+                  flare_logs_to_files: bool = True) -> tuple[dict, dict, dict, dict]:
+    """The federated arm: the sites' setup on the ledger, the FLARE job (followed round by round),
+    its scores, the privacy spent and the ledger's verification of the final model. Returns
+    ``results.json``'s ``federated``, ``cross_site``, ``privacy`` and ``ledger``."""
+    names = site_names(config)
+    ledger_path = out_dir / LEDGER_FILE
+    consents = prepare_ledger(ledger_path, data_dir, names, log=watcher.message, masking_keys="mask" in config.privacy)
+    job_id = new_job_id(config.job_name)
+    workspace = out_dir / FLARE_WORKSPACE
+    log_config = files_only_log_config(workspace) if flare_logs_to_files else None
+    if log_config:
+        watcher.message(f"FLARE logs: {workspace / config.job_name}/<server|site-N>/log.txt")
+    private = config.privacy != "none"
+    spend_reader = _SpendReader(ledger_path, job_id, names) if private else None
+    with watcher.arm(f"federated ({config.privacy})" if private else "federated", config.rounds, "round") as advance:
+        def on_round(entry: dict) -> None:
+            watcher.federated_round(entry, spend_reader.spend(entry) if spend_reader else None)
+            advance(1)
+
+        try:
+            with RoundFollower(server_run_dir(workspace, config.job_name) / ROUND_LOG_FILE, on_round) as follower:
+                run_dir = run_federated(data_dir, workspace, config, ledger_path=ledger_path, job_id=job_id,
+                                        flare_log_config=log_config)
+            if follower.error is not None:
+                raise follower.error
+            federated, cross_site = read_federated_results(run_dir, evaluation, config)
+            privacy = privacy_spend(ledger_path, job_id, config)
+            for entry in federated["per_round"][follower.reported:]:  # the last round, scored after the run
+                watcher.federated_round(entry, privacy["per_round"][entry["round"] - 1] if private else None)
+                advance(1)
+        finally:
+            if spend_reader:
+                spend_reader.close()
+    ledger = verify_on_ledger(ledger_path, job_id, Path(federated["model_file"]), consents, log=watcher.message)
+    return federated, cross_site, privacy, ledger
+
+
 def run_experiment(data_dir: Path, out_dir: Path, config: DemoConfig, watcher: Watcher | None = None,
                    flare_logs_to_files: bool = True) -> dict:
     """Run the three arms on the sites in ``data_dir`` (FLARE workspace and ledger in ``out_dir``)
@@ -548,36 +586,9 @@ def run_experiment(data_dir: Path, out_dir: Path, config: DemoConfig, watcher: W
     timings["local_seconds"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    ledger_path = out_dir / LEDGER_FILE
-    consents = prepare_ledger(ledger_path, data_dir, names, log=watcher.message, masking_keys="mask" in config.privacy)
-    job_id = new_job_id(config.job_name)
-    workspace = out_dir / FLARE_WORKSPACE
-    log_config = files_only_log_config(workspace) if flare_logs_to_files else None
-    if log_config:
-        watcher.message(f"FLARE logs: {workspace / config.job_name}/<server|site-N>/log.txt")
-    private = config.privacy != "none"
-    spend_reader = _SpendReader(ledger_path, job_id, names) if private else None
-    with watcher.arm(f"federated ({config.privacy})" if private else "federated", config.rounds, "round") as advance:
-        def on_round(entry: dict) -> None:
-            watcher.federated_round(entry, spend_reader.spend(entry) if spend_reader else None)
-            advance(1)
-
-        try:
-            with RoundFollower(server_run_dir(workspace, config.job_name) / ROUND_LOG_FILE, on_round) as follower:
-                run_dir = run_federated(data_dir, workspace, config, ledger_path=ledger_path, job_id=job_id,
-                                        flare_log_config=log_config)
-            federated, cross_site = read_federated_results(run_dir, evaluation, config)
-            privacy = privacy_spend(ledger_path, job_id, config)
-            for entry in federated["per_round"][follower.reported:]:
-                watcher.federated_round(entry, privacy["per_round"][entry["round"] - 1] if private else None)
-                advance(1)
-        finally:
-            if spend_reader:
-                spend_reader.close()
-    if follower.error is not None:
-        raise follower.error
+    federated, cross_site, privacy, ledger = federated_arm(data_dir, out_dir, config, evaluation, watcher,
+                                                           flare_logs_to_files)
     timings["federated_seconds"] = time.perf_counter() - started
-    ledger = verify_on_ledger(ledger_path, job_id, Path(federated["model_file"]), consents, log=watcher.message)
 
     return {
         "config": {**asdict(config), "sites": names, "evaluation_set": "union of the sites' validation splits",

@@ -29,7 +29,7 @@ OTHER_SITES = ["site-2", "site-3"]
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """The session's ``clinfed demo --quick --rounds 2`` run (tests/demo_run.py), shared with tests/demo."""
+    """The session's quick ``make demo`` run (tests/demo_run.py), shared with tests/demo."""
     return shared_demo_run(tmp_path_factory)
 
 

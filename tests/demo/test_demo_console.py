@@ -29,7 +29,7 @@ def console_lines(run) -> list[str]:
     return (run.stdout + run.stderr).rstrip("\n").split("\n")
 
 
-def test_demo_prints_at_most_60_lines_and_none_of_flares_log(demo_run):
+def test_make_demo_prints_at_most_60_lines_and_none_of_flares_log(demo_run):
     lines = console_lines(demo_run)
     assert len(lines) <= 60, "\n".join(lines)
     assert not [line for line in lines if FLARE_LOG_LINE.search(line)]
