@@ -15,7 +15,7 @@ from pathlib import Path
 from demo_run import ARGS, SITES
 from clinfed.data.synth import synthesise
 from clinfed.demo import ConsoleWatcher
-from clinfed.experiment import DemoConfig, run_experiment
+from clinfed.experiment import DemoConfig, federated_arm, ingest_cohorts
 from clinfed.report import round_line
 
 ROUNDS = int(ARGS[ARGS.index("--rounds") + 1])
@@ -91,7 +91,7 @@ def test_demo_closes_with_where_the_results_report_and_audit_view_are(demo_run):
 
 
 def test_verbose_private_run_shows_flares_log_and_each_rounds_spend_per_unit(tmp_path, capfd):
-    """A small DP run of the experiment with FLARE's logs on the console (what ``--verbose`` does):
+    """A small DP run of the federated arm with FLARE's logs on the console (what ``--verbose`` does):
     FLARE's log lines reach the console, and each round's line shows every site's patient-level
     epsilon as the ledger recorded it, the figures results.json keeps (site-level: none, never merged)."""
     config = DemoConfig(sites=2, patients=10, shape=(32, 32, 16), seed=3, rounds=2, local_epochs=1, privacy="dp")
@@ -102,17 +102,18 @@ def test_verbose_private_run_shows_flares_log_and_each_rounds_spend_per_unit(tmp
         (data / site / "site_secret.key").write_text(hashlib.sha256(seed.encode()).hexdigest() + "\n")
     synthesise(data, config.sites, config.patients, config.shape, config.seed)
     out, bars = io.StringIO(), io.StringIO()
-    results = run_experiment(data, tmp_path, config, ConsoleWatcher(config.rounds, out=out, bars=bars),
-                             flare_logs_to_files=False)
+    watcher = ConsoleWatcher(config.rounds, out=out, bars=bars)
+    evaluation = ingest_cohorts(data, config, watcher).evaluation
+    federated, _, privacy, _ = federated_arm(data, tmp_path, config, evaluation, watcher, flare_logs_to_files=False)
     captured = capfd.readouterr()
     assert len([line for line in (captured.out + captured.err).splitlines() if FLARE_LOG_LINE.search(line)]) > 20
     assert "FLARE logs:" not in out.getvalue()
 
-    spend = results["privacy"]["per_round"]
+    spend = privacy["per_round"]
     lines = [line for line in out.getvalue().splitlines() if line.startswith("round ")]
     assert len(lines) == len(spend) == config.rounds
     previous = {site: 0.0 for site in SITES[:2]}
-    for line, entry, after in zip(lines, results["federated"]["per_round"], spend):
+    for line, entry, after in zip(lines, federated["per_round"], spend):
         assert line == round_line(entry, config.rounds, after)
         assert after["site_epsilon"] == {site: None for site in SITES[:2]} and after["site_delta"] is None
         for site, epsilon in after["patient_epsilon"].items():
@@ -120,4 +121,4 @@ def test_verbose_private_run_shows_flares_log_and_each_rounds_spend_per_unit(tmp
             assert f"{site} {epsilon:.2f}" in line
             previous[site] = epsilon
         assert f"eps patient-level (delta {after['patient_delta']:.2g}):" in line and "site-level" not in line
-    assert results["privacy"]["patient_level"]["epsilon"] == spend[-1]["patient_epsilon"]
+    assert privacy["patient_level"]["epsilon"] == spend[-1]["patient_epsilon"]
