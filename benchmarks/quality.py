@@ -20,12 +20,15 @@ import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from clinfed.demo import DemoConfig, run_demo
+from clinfed.experiment import DemoConfig, run_experiment, synthesise_sites
 from clinfed.privacy import PRIVACY_MODES
 
 
 def one_run(config: DemoConfig, out: Path) -> dict:
-    results = run_demo(out, config, log=lambda message: None)
+    """The demo's experiment on its data (FLARE's logs go to files under ``out``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    synthesise_sites(out / "data", config)
+    results = run_experiment(out / "data", out, config)
     usable = {site: report["usable"] for site, report in results["ingestion"].items()}
     smallest = min(usable, key=usable.get)
     central, federated = results["central"]["dice"], results["federated"]["dice"]

@@ -72,7 +72,7 @@ def _round_times_from_log(text: str) -> list[float]:
 
 def ours(work: Path, sites: int, rounds: int) -> list[dict]:
     from clinfed.data.synth import synthesise
-    from clinfed.demo import DemoConfig, run_federated
+    from clinfed.experiment import DemoConfig, run_federated
     from clinfed.widgets.round_log import ROUND_LOG_FILE
 
     config = DemoConfig(sites=sites, patients=12, shape=(32, 32, 16), rounds=rounds, local_epochs=1)

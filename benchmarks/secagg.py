@@ -297,7 +297,7 @@ def consortium_section(site_counts: list[int], rounds: int) -> dict:
 def utility_section(site_counts: list[int], noise_multipliers: list[float], clip: float, rounds: int) -> dict:
     from clinfed.data.ingest import ingest_site
     from clinfed.data.synth import synthesise
-    from clinfed.demo import DemoConfig, new_job_id, prepare_ledger, read_federated_results, run_federated
+    from clinfed.experiment import DemoConfig, new_job_id, prepare_ledger, read_federated_results, run_federated
     from clinfed.jobs.tumour_seg import PRIVATE_JOB_NAME, TumourSegFedAvgRecipe
     from clinfed.ledger.settings import COORDINATOR, ledger_settings
     from clinfed.training import split_cases

@@ -106,21 +106,21 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from clinfed.demo import DemoConfig, results_table, run_demo
+    from clinfed.demo import ConsoleWatcher, DemoConfig, closing_lines, run_demo
+    from clinfed.report import results_table
 
     config = DemoConfig.quick(args.study) if args.quick else DemoConfig(study=args.study)
     if args.rounds:
         config = DemoConfig(**{**config.__dict__, "rounds": args.rounds})
     config = DemoConfig(**{**config.__dict__, "privacy": args.privacy})
-    log = (lambda message: print(message, file=sys.stderr)) if args.json else print
-    results = run_demo(args.out, config, log=log)
+    out = sys.stderr if args.json else sys.stdout
+    results = run_demo(args.out, config, ConsoleWatcher(config.rounds, out=out), verbose=args.verbose)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         print()
         print(results_table(results))
-        print(f"\nresults: {args.out / 'results.json'}; plots: {args.out / 'dice_per_round.png'}, "
-              f"{args.out / 'final_scores.png'}")
+    print("\n".join(closing_lines(args.out, results, args.quick)), file=out)
     return 0
 
 
@@ -170,19 +170,23 @@ def _ledger_settings(args, participant: str | None):
     return settings
 
 
-def _open_ledger(args, participant: str | None):
+def _announced_settings(args, participant: str | None):
+    """``_ledger_settings``, saying on stderr which ledger and identity (unless ``--json``)."""
     settings = _ledger_settings(args, participant)
     if not args.json:
         print(f"# {settings.describe()}", file=sys.stderr)
-    return settings.open(outbox=False)
+    return settings
+
+
+def _open_ledger(args, participant: str | None):
+    return _announced_settings(args, participant).open(outbox=False)
 
 
 def cmd_consent_sync(args) -> int:
-    from clinfed import audit
+    from clinfed.site_setup import consent_sync
 
     site = args.site or args.site_dir.resolve().name
-    with _open_ledger(args, site) as ledger:
-        report = audit.sync_consents(args.site_dir, ledger, site, args.study, args.secret_file)
+    report = consent_sync(_announced_settings(args, site), args.site_dir, site, args.study, args.secret_file)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -196,20 +200,15 @@ def cmd_consent_sync(args) -> int:
 
 
 def cmd_keys_register(args) -> int:
-    from clinfed import audit
     from clinfed.site_config import site_files
+    from clinfed.site_setup import keys_register
 
     key_file = args.key_file
     if key_file is None:
         if not args.site_config:
             raise ClinfedError("give --key-file, or --site-config to use the site's masking_key_file")
         key_file = site_files(args.site, args.site_config.parent).masking_key_file
-    if Path(key_file).exists():  # a bad key file is named before any ledger is touched
-        from clinfed.privacy.secagg import load_private_key
-
-        load_private_key(key_file)
-    with _open_ledger(args, args.site) as ledger:
-        public, new = audit.register_masking_key(ledger, args.site, key_file)
+    public, new = keys_register(_announced_settings(args, args.site), args.site, key_file)
     if args.json:
         print(json.dumps({"site": args.site, "key_file": str(key_file), "public_key": public, "registered": new}))
     else:
@@ -281,6 +280,27 @@ def cmd_audit_watch(args) -> int:
     return 0
 
 
+def cmd_audit_serve(args) -> int:
+    from clinfed.audit_web import serve
+
+    settings = _announced_settings(args, args.participant)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: --host {args.host}: anyone who can reach this address reads the ledger as "
+              f"{settings.participant}", file=sys.stderr)
+
+    def ready(url: str) -> None:
+        if args.json:
+            print(json.dumps({"url": url, "participant": settings.participant}), flush=True)
+        else:
+            print(f"audit view of {settings.participant}: {url} (read-only; Ctrl-C stops it)", flush=True)
+
+    try:
+        serve(settings, args.study, args.host, args.port, on_ready=ready)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def cmd_jobs_export(args) -> int:
     from clinfed.jobs.tumour_seg import export_jobs
 
@@ -338,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="federated arm: DP-SGD at every site (dp), secure masking (mask), or both")
     demo.add_argument("--study", default=STUDY_ID, help="the study to run: clinfed-tumour-seg (liver CT, default) "
                                                          "or brain-mr-tumour")
+    demo.add_argument("--verbose", action="store_true", help="FLARE's full logs on the console too (they always go "
+                                                            "to files in the output folder)")
     demo.add_argument("--json", action="store_true", help="print results.json to stdout")
     demo.set_defaults(func=cmd_demo)
 
@@ -400,6 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--timeout", type=float, help="stop after this many seconds without an event")
     watch.add_argument("--no-follow", action="store_true", help="print what is there and stop")
     watch.set_defaults(func=cmd_audit_watch)
+
+    serve = audit.add_parser("serve", parents=[audit_options],
+                             help="a read-only local web page over the ledger, as your site: jobs and rounds, your "
+                                  "contributions and privacy spend, consents, verification, model files; live")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
+    serve.add_argument("--study", default=STUDY_ID, help="the study whose consents the page shows first")
+    serve.set_defaults(func=cmd_audit_serve)
 
     jobs = sub.add_parser("jobs", help="FLARE job folders").add_subparsers(dest="jobs_command", required=True)
     export = jobs.add_parser("export", help="export the Python job definitions into job folders")

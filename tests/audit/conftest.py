@@ -15,7 +15,7 @@ import pytest
 from audit_helpers import SITES, read_jsonl, revoke_in_fhir_export
 from clinfed import audit
 from clinfed.data.synth import synthesise
-from clinfed.demo import DemoConfig, new_job_id, prepare_ledger, run_federated
+from clinfed.experiment import DemoConfig, new_job_id, prepare_ledger, run_federated
 from clinfed.jobs.tumour_seg import TumourSegFedAvgRecipe
 from clinfed.ledger.settings import ledger_settings
 

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from clinfed.demo import LEDGER_FILE, SERVER_MODEL_KEY, DemoConfig, run_demo
+from clinfed.demo import run_demo
+from clinfed.experiment import LEDGER_FILE, SERVER_MODEL_KEY, DemoConfig
 from clinfed.ledger import LocalLedger
 
 # Three tiny non-IID sites (two CT scanners, one T1 MR; different scale, noise, spacing and lesion
@@ -24,7 +25,7 @@ def demo_run(tmp_path_factory):
     for site, seed in SITE_KEYS.items():
         (out / "data" / site).mkdir(parents=True)
         (out / "data" / site / "site_secret.key").write_text(hashlib.sha256(seed.encode()).hexdigest() + "\n")
-    results = run_demo(out, TINY, log=lambda message: None)
+    results = run_demo(out, TINY)
     return out, results
 
 

@@ -15,7 +15,7 @@ import pytest
 from clinfed import audit
 from clinfed.data.profiles import STUDY_ID
 from clinfed.data.synth import synthesise
-from clinfed.demo import DemoConfig, new_job_id, prepare_ledger, run_federated
+from clinfed.experiment import DemoConfig, new_job_id, prepare_ledger, run_federated
 from clinfed.ledger.settings import COORDINATOR, ledger_settings
 from clinfed.privacy.accounting import PrivacyBudget, budget_file
 from clinfed.site_config import PRIVACY_DIR_NAME

@@ -42,7 +42,7 @@ class Consortium:
     def environment(self):
         """This consortium's ledger, and no data root: each site keeps its secure-aggregation state
         in the job's own workspace (a data root left by an earlier test in the process, e.g. by
-        ``clinfed.demo.run_federated``, would share it across tests, whose simulator jobs all
+        ``clinfed.experiment.run_federated``, would share it across tests, whose simulator jobs all
         have the id ``simulate_job``)."""
         before = {key: os.environ.get(key) for key in (LEDGER_ENV, DATA_ROOT_ENV)}
         os.environ[LEDGER_ENV] = str(self.ledger)
