@@ -9,19 +9,21 @@ table as bars) beside the data in ``--out``.
     # the full grid (a GPU or a big machine; hours on 2 CPU cores):
     .venv/bin/python benchmarks/dp_utility.py --out dp_utility_out
     # what was run on the 2-core machine (see README, "Measured privacy"):
-    .venv/bin/python benchmarks/dp_utility.py --out dp_utility_out --sizes 300 --epsilons 8 inf \\
-        --roi 16,16,16 --shape 32,32,16 --epochs 4 --seeds 0 1 2 --lever-seeds 0
+    .venv/bin/python benchmarks/dp_utility.py --out dp_utility_out --sizes 300 --epsilons 1 3 8 inf \\
+        --roi 16,16,16 --shape 32,32,16 --epochs 2 --nonprivate-batch 8 --seeds 0 1 2 --curve-seeds 0 --lever-size 100 --lever-seeds 0
 
 Arms (every federated arm is :func:`clinfed.evaluation.federation.train_federated`: the product's
 training code and ``SiteDPSGD``, FedAvg in-process; the same ``--epochs`` per site for every arm):
 
 - ``central``: one model on the pooled training patients, non-private;
-- ``federated``: the product's recipe (4 rounds, batch 2, Adam), non-private, from scratch;
+- ``federated``: the product's recipe (4 rounds, Adam; batch ``--nonprivate-batch``), non-private, from scratch;
 - ``federated_pretrained``: the same from the public-set model (the stronger non-private baseline);
-- ``public_only``: the public-set model with no site data (what DP training must improve on);
+- ``public_only``: the public-set model with no site data (what DP training must improve on; one
+  pretraining, ``--pretrain-seed``, cached in ``--out``, shared by every seed of every arm);
 - ``dp``: the winning DP recipe at each epsilon;
-- ``levers``: at the largest size and epsilon 8, the product's DP recipe with one lever added at a
-  time, in the order listed, each row keeping the previous ones (a cumulative ablation).
+- ``levers``: at ``--lever-size`` patients per site and epsilon 8, the product's DP recipe with one
+  lever added at a time, in the order listed, each row keeping the previous ones (a cumulative
+  ablation: a lever's effect is measured given the ones above it).
 
 The public set is generated from its own scanner profile (``clinfed.evaluation.cohorts``) and
 stands in for a public collection such as the Medical Segmentation Decathlon.
@@ -37,6 +39,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from scipy.stats import t as student_t
 
 from clinfed.evaluation.cohorts import public_anatomy_set, synthetic_sites
@@ -67,10 +70,10 @@ def mean_ci(values: list[float]) -> dict:
     return {"mean": mean, "ci95": [mean - half, mean + half], "n": len(values), "values": values}
 
 
-def product_recipe(args) -> Recipe:
-    """The executor's defaults (batch 2, 4 rounds, Adam 2e-3), with this run's epoch budget and ROI."""
+def product_recipe(args, batch_size: int = 2) -> Recipe:
+    """The executor's defaults (batch 2, up to 4 rounds, Adam 2e-3), with this run's epoch budget and ROI."""
     rounds = min(4, args.epochs)
-    return Recipe(rounds=rounds, local_epochs=max(1, args.epochs // rounds), batch_size=2, roi=args.roi)
+    return Recipe(rounds=rounds, local_epochs=max(1, args.epochs // rounds), batch_size=batch_size, roi=args.roi)
 
 
 def lever_steps(args, n: int) -> list[tuple[str, dict]]:
@@ -93,7 +96,7 @@ class Bench:
     def __init__(self, args):
         self.args = args
         data = args.out / "data"
-        n_generate = math.ceil(max(args.sizes) / USABLE_SHARE)
+        n_generate = args.generated_per_site or math.ceil(max(args.sizes) / USABLE_SHARE)
         self.sites = synthetic_sites(data / "sites", n_sites=3, n_patients=n_generate, shape=args.shape, seed=0)
         short = {s: len(c) for s, c in self.sites.items() if len(c) < max(args.sizes)}
         if short:
@@ -103,7 +106,7 @@ class Bench:
         self.test = [c for cases in test_sites.values() for c in cases]
         self.public = public_anatomy_set(data / "public", n_patients=args.public_patients, shape=args.shape, seed=2)
         self.test_loader = make_loader(self.test, TrainConfig(batch_size=8, roi=args.roi), train=False)
-        self._pretrained: dict[int, dict] = {}
+        self._pretrained: dict | None = None
         self.seconds: dict[str, float] = {}
 
     def cohort(self, n: int) -> dict:
@@ -118,16 +121,21 @@ class Bench:
         self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - started
         return result
 
-    def pretrained(self, seed: int) -> dict:
-        if seed not in self._pretrained:
-            recipe = Recipe(batch_size=8, roi=self.args.roi)
-            model = self._timed("pretraining", lambda: train_central(
-                self.public, recipe, epochs=self.args.pretrain_epochs, seed=seed))
-            self._pretrained[seed] = state_to_numpy(model)
-        return self._pretrained[seed]
+    def pretrained(self) -> dict:
+        """The public-set model (trained once per ``--out``, ROI and epochs, then read back)."""
+        if self._pretrained is None:
+            a = self.args
+            cache = a.out / f"public_model_{'x'.join(map(str, a.roi))}_e{a.pretrain_epochs}_s{a.pretrain_seed}.npz"
+            if not cache.exists():
+                recipe = Recipe(batch_size=8, roi=a.roi)
+                model = self._timed("pretraining", lambda: train_central(
+                    self.public, recipe, epochs=a.pretrain_epochs, seed=a.pretrain_seed))
+                np.savez(cache, **state_to_numpy(model))
+            self._pretrained = dict(np.load(cache))
+        return self._pretrained
 
     def federated(self, n: int, recipe: Recipe, seed: int, *, pretrained: bool, key: str) -> dict:
-        initial = self.pretrained(seed) if pretrained else None
+        initial = self.pretrained() if pretrained else None
         trained = self._timed(key, lambda: train_federated(self.cohort(n), recipe, seed=seed, initial=initial))
         return {"dice": self.dice(trained.model), "epsilon": max(trained.epsilon.values(), default=None)}
 
@@ -151,13 +159,21 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[24, 100, 300], help="patients per site")
     parser.add_argument("--epsilons", type=_epsilon, nargs="+", default=[1.0, 3.0, 8.0, math.inf])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of every arm")
+    parser.add_argument("--curve-seeds", type=int, nargs="+", help="seeds of the epsilons other than 8 "
+                        "(default: --seeds)")
+    parser.add_argument("--lever-size", type=int, help="patients per site of the lever table (default: the largest)")
     parser.add_argument("--lever-seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the lever table")
     parser.add_argument("--no-levers", action="store_true", help="skip the lever table")
     parser.add_argument("--roi", type=_shape, default=(32, 32, 16), help="model input size (the demo's)")
     parser.add_argument("--shape", type=_shape, default=(48, 48, 24), help="generated volume size (the demo's)")
     parser.add_argument("--epochs", type=int, default=8, help="training epochs per site, every arm")
     parser.add_argument("--pretrain-epochs", type=int, default=8, help="epochs on the public set")
+    parser.add_argument("--pretrain-seed", type=int, default=0)
+    parser.add_argument("--nonprivate-batch", type=int, default=2,
+                        help="batch size of the non-private federated arms (the executor's default: 2)")
     parser.add_argument("--dp-lr", type=float, default=2e-3, help="DP-Adam learning rate of the winning recipe")
+    parser.add_argument("--generated-per-site", type=int, help="patients generated per site (default: enough for "
+                        "the largest size); the first --sizes usable ones train")
     parser.add_argument("--test-patients", type=int, default=40, help="generated test patients per site")
     parser.add_argument("--public-patients", type=int, default=300, help="generated public-set patients")
     args = parser.parse_args()
@@ -169,12 +185,13 @@ def main() -> None:
     for n in args.sizes:
         row: dict = {}
         row["central"] = mean_ci([bench.central(n, s) for s in args.seeds])
-        plain = product_recipe(args)
+        plain = product_recipe(args, batch_size=args.nonprivate_batch)
         row["federated"] = mean_ci([bench.federated(n, plain, s, pretrained=False, key="federated")["dice"]
                                     for s in args.seeds])
         row["federated_pretrained"] = mean_ci([bench.federated(n, plain, s, pretrained=True, key="federated")["dice"]
                                                for s in args.seeds])
-        row["public_only"] = mean_ci([bench.dice(_model_from(bench.pretrained(s))) for s in args.seeds])
+        row["public_only"] = mean_ci([bench.dice(_model_from(bench.pretrained()))])
+        plain_dice = dict(zip(args.seeds, row["federated"]["values"]))
         baseline = {s: max(f, p) for s, f, p in zip(args.seeds, row["federated"]["values"],
                                                     row["federated_pretrained"]["values"])}
         row["dp"] = {}
@@ -182,18 +199,20 @@ def main() -> None:
             if math.isinf(epsilon):
                 continue
             recipe, pretrained = winning_recipe(args, n, epsilon)
-            runs = [bench.federated(n, recipe, s, pretrained=pretrained, key="dp") for s in args.seeds]
+            seeds = args.seeds if epsilon == 8.0 else (args.curve_seeds or args.seeds)
+            runs = [bench.federated(n, recipe, s, pretrained=pretrained, key="dp") for s in seeds]
             dice = [r["dice"] for r in runs]
             row["dp"][str(epsilon)] = {
                 "dice": mean_ci(dice),
-                "ratio_to_best_nonprivate_federated": mean_ci([d / baseline[s] for s, d in zip(args.seeds, dice)]),
-                "ratio_to_federated": mean_ci([d / f for d, f in zip(dice, row["federated"]["values"])]),
+                "ratio_to_best_nonprivate_federated": mean_ci([d / baseline[s] for s, d in zip(seeds, dice)]),
+                "ratio_to_federated": mean_ci([d / plain_dice[s] for s, d in zip(seeds, dice)]),
+                "seeds": seeds,
                 "epsilon_spent_max": max(r["epsilon"] for r in runs), "recipe": recipe.describe(),
                 "pretrained": pretrained}
         results["sizes"][str(n)] = row
 
     if not args.no_levers:
-        n = max(args.sizes)
+        n = args.lever_size or max(args.sizes)
         recipe, pretrained = replace(product_recipe(args), dp_epsilon=8.0), False
         table, previous = [], None
         for name, change in lever_steps(args, n):
@@ -218,9 +237,11 @@ def main() -> None:
     results["data"] = {"usable_per_site": {s: len(c) for s, c in bench.sites.items()}, "test_patients": len(bench.test),
                        "public_patients": len(bench.public)}
     results["seconds"] = {**bench.seconds, "total": time.perf_counter() - started}
-    _plot(results, args.out / "dp_utility.png")
     results["png"] = str(args.out / "dp_utility.png")
-    print(json.dumps(results, indent=2, default=lambda v: None if isinstance(v, float) and math.isinf(v) else v))
+    text = json.dumps(results, indent=2)
+    (args.out / "dp_utility.json").write_text(text)  # kept even if plotting fails
+    _plot(results, args.out / "dp_utility.png")
+    print(text)
 
 
 def _model_from(state: dict):

@@ -2,9 +2,9 @@
 model's training patients from held-out ones when the sites train without DP, and finds nothing
 measurable when they train with DP-SGD at epsilon 8.
 
-Three sites of about 14 patients (7 members each per model), eight federations per arm trained on
-random halves (each model the target, the other seven its shadows): 336 decisions per arm. What so
-few decisions can show: leakage clearly above chance without DP (advantage at least 0.10 above
+Three sites of about 10 patients (5 members each per model), six federations per arm trained on
+random halves (each model the target, the other five its shadows): about 180 decisions per arm.
+What so few decisions can show: leakage clearly above chance without DP (advantage at least 0.10 above
 its chance level, p <= 0.01); and with DP an advantage not measurably above 2% (the lower end of
 its 95% interval at or below 0.02). Pinning a DP advantage *point* below 2% takes thousands of
 decisions (the estimate's noise is about 0.26 x sqrt(1/n_in + 1/n_out)): ``benchmarks/mia.py``.
@@ -28,12 +28,12 @@ ROI = (16, 16, 16)
 # The product's training code in settings that let a model remember its patients: few patients,
 # 32 epochs, a high learning rate. The DP arm differs only by dp_epsilon.
 RECIPE = Recipe(rounds=2, local_epochs=16, batch_size=2, lr=1e-2, roi=ROI)
-MODELS = 8
+MODELS = 6
 
 
 @pytest.fixture(scope="module")
 def pools(tmp_path_factory):
-    return synthetic_sites(tmp_path_factory.mktemp("sites"), n_sites=3, n_patients=16, shape=ROI, seed=0)
+    return synthetic_sites(tmp_path_factory.mktemp("sites"), n_sites=3, n_patients=12, shape=ROI, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def audits(pools):
 def test_without_dp_lira_tells_training_patients_from_held_out_ones(audits):
     plain, _ = audits
     lira = audit_pool(plain)["lira_online"]
-    assert lira["decisions"] >= 300
+    assert lira["decisions"] >= 150
     assert lira["advantage_over_chance"] >= 0.10
     assert lira["p_value"] <= 0.01
     assert lira["auc_ci95"][0] > 0.5
