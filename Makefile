@@ -22,11 +22,12 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-# Debian tools the tests use: dciodvfy (DICOM conformance) from dicom3tools.
+# Debian tools the tests use: dciodvfy (DICOM conformance) from dicom3tools; ip (network
+# namespaces for the multi-host trial) from iproute2.
 system-deps:
-	@command -v dciodvfy >/dev/null 2>&1 || { \
+	@{ command -v dciodvfy && command -v ip; } >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dicom3tools; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dicom3tools iproute2; }
 
 demo: install
 	$(BIN)/clinfed demo --out $(DEMO_OUT)

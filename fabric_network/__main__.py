@@ -1,4 +1,4 @@
-"""python -m fabric_network {install,up,down,status,deploy} -- see fabric_network/README.md."""
+"""python -m fabric_network {install,up,status,stop,start,down} -- see fabric_network/README.md."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from .network import DEFAULT_SITES, DEFAULT_VERSION, ENDORSEMENT_POLICIES, FabricNetworkError, Network, install
+from .binaries import DEFAULT_VERSION, install
+from .errors import FabricNetworkError
+from .network import DEFAULT_SITES, Network
 
 DEFAULT_ROOT = os.environ.get("CLINFED_FABRIC_NETWORK",
                               str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -27,14 +29,12 @@ def main(argv=None) -> int:
     p.add_argument("--sites", default=",".join(DEFAULT_SITES), help="comma-separated site names")
     p.add_argument("--bft", action="store_true", help="four SmartBFT orderers instead of one Raft orderer")
     p.add_argument("--batch-timeout", default="200ms")
-    p.add_argument("--endorsement", choices=ENDORSEMENT_POLICIES, default="majority")
     p.add_argument("--observers", default="", help="comma-separated extra channel orgs with no role (tests)")
     p.add_argument("--version", default=DEFAULT_VERSION)
-    sub.add_parser("down", help="stop every process of the network and delete its folder")
+    sub.add_parser("down", help="stop every process of the network, delete its folder, free its addresses")
     sub.add_parser("stop", help="stop every process, keep the folder")
     sub.add_parser("start", help="start the processes of a stopped network again")
     sub.add_parser("status", help="print the network's nodes and whether they run (JSON)")
-    sub.add_parser("deploy", help="install, define and initialise the chaincode, or restart its service")
     args = parser.parse_args(argv)
     try:
         if args.command == "install":
@@ -45,29 +45,18 @@ def main(argv=None) -> int:
             t0 = time.monotonic()
             net = Network.create(args.root, sites=[s for s in args.sites.split(",") if s],
                                  consensus="bft" if args.bft else "raft", batch_timeout=args.batch_timeout,
-                                 endorsement=args.endorsement, version=args.version,
+                                 version=args.version,
                                  observers=[o for o in args.observers.split(",") if o])
             net.up(log=lambda m: print(m, file=sys.stderr))
             print(json.dumps({**net.status(), "seconds": round(time.monotonic() - t0, 1)}, indent=2))
         elif args.command == "down":
-            Network.load(args.root).down(purge=True)
+            Network.load(args.root).down()
         elif args.command == "stop":
-            Network.load(args.root).down(purge=False)
+            Network.load(args.root).stop()
         elif args.command == "start":
-            net = Network.load(args.root)
-            net.start_all()
-            net.start_node("chaincode")
-            net.wait_for_membership()
+            Network.load(args.root).start()
         elif args.command == "status":
             print(json.dumps(Network.load(args.root).status(), indent=2))
-        elif args.command == "deploy":
-            net = Network.load(args.root)
-            if net.spec.chaincode in net.spec.chaincodes:  # defined already: restart the service
-                net.stop_node("chaincode")
-                net.start_node("chaincode")
-            else:
-                net.deploy()
-            print(net.spec.package_id)
     except FabricNetworkError as exc:
         print(f"fabric_network: {exc}", file=sys.stderr)
         return 1

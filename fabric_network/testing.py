@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import shutil
 import sys
 import tempfile
 import threading
 import time
 
-from .network import DEFAULT_VERSION, FabricNetworkError, Network, install, installed_home
+from .binaries import DEFAULT_VERSION, install, installed_home
+from .errors import FabricNetworkError
+from .network import Network
 
 OBSERVER = "outsider"  # a channel member that is neither a site nor the coordinator: OutsiderMSP
 
@@ -46,8 +49,14 @@ def start_network(consensus: str = "raft", **kwargs) -> Network:
     atexit.register(_down_quietly, net)
     try:
         net.up(log=lambda m: print(f"fabric_network ({consensus}): {m}", file=sys.stderr))
+    except FabricNetworkError as exc:
+        logs = net.root / "logs"
+        kept = shutil.copytree(logs, tempfile.mkdtemp(prefix="clinfed-fabric-failed-") + "/logs") \
+            if logs.is_dir() else None
+        _down_quietly(net)
+        raise FabricNetworkError(f"{exc}" + (f" (the nodes' logs are kept in {kept})" if kept else "")) from exc
     except BaseException:
-        _down_quietly(net, purge=False)  # keep the logs for the error message's reader
+        _down_quietly(net)
         raise
     return net
 
@@ -81,8 +90,8 @@ def fresh_chaincode(net: Network) -> str:
         ready = _ready.setdefault(str(net.root), [])
         if not ready:
             names = [f"{net.spec.chaincode}-t{next(_names)}" for _ in range(POOL_BATCH)]
-            net.define_chaincodes(names)
-            net._parallel_bounded([lambda n=n: net.init_consortium(n) for n in names])
+            net.chaincode.define(names)
+            net.parallel([lambda n=n: net.chaincode.init_consortium(n) for n in names])
             ready.extend(names)
         return ready.pop(0)
 
@@ -123,9 +132,9 @@ def fabric_opener(net: Network | None = None):
     # so its clients return from a write once every peer has committed it.
     def open_as(msp_id: str, clock=None):
         if clock is not None:
-            return net.ledger(msp_id, chaincode=name, synced=True, clock=clock)
+            return net.clients.ledger(msp_id, chaincode=name, synced=True, clock=clock)
         if msp_id not in opened:
-            opened[msp_id] = net.ledger(msp_id, chaincode=name, synced=True)
+            opened[msp_id] = net.clients.ledger(msp_id, chaincode=name, synced=True)
         return opened[msp_id]
 
     open_as.chaincode = name
@@ -141,8 +150,8 @@ def stop_shared(consensus: str) -> None:
         _down_quietly(known)
 
 
-def _down_quietly(net: Network, purge: bool = True) -> None:
+def _down_quietly(net: Network) -> None:
     try:
-        net.down(purge=purge)
+        net.down()
     except Exception as exc:  # noqa: BLE001 - at exit, report and go on
         print(f"fabric_network: stopping {net.root} failed: {exc}", file=sys.stderr)

@@ -102,9 +102,9 @@ RECORD_FIELDS = {
     K_SITE_KEY: (("site", "public_key"), ()),
     K_CONSENT: (("pseudonym", "study", "site", "status", "consent_commitment"), ()),
     K_CONTRIBUTION: (("job_id", "round", "site", "update_sha256", "n_samples"),
-                     ("metrics", "epsilon", "delta", "hash_stage")),
+                     ("metrics", "patient_epsilon", "patient_delta", "site_epsilon", "site_delta", "hash_stage")),
     K_MODEL: (("job_id", "round", "model_sha256", "participants", "aggregation"),
-              ("expected_sites", "n_samples", "epsilon", "metrics")),
+              ("expected_sites", "n_samples", "patient_epsilon", "site_epsilon", "metrics")),
     K_ABSENCE: (("job_id", "round", "site"), ("reason",)),
 }
 META_FIELDS = ("tx_id", "timestamp", "recorded_by")  # added to every record by _write
@@ -443,12 +443,14 @@ class ClinfedContract(Contract):
     # ---------------------------------------------------------------- training records
 
     async def RecordContribution(self, ctx: TransactionContext, contribution: str) -> str:
-        """``{"job_id", "round", "site", "update_sha256", "n_samples", "metrics"?, "epsilon"?, "delta"?,
-        "hash_stage"?}``, written by the site itself.
+        """``{"job_id", "round", "site", "update_sha256", "n_samples", "metrics"?, "patient_epsilon"?,
+        "patient_delta"?, "site_epsilon"?, "site_delta"?, "hash_stage"?}``, written by the site itself.
 
-        ``epsilon``/``delta`` are the site's cumulative DP spend for the job after this round (absent
-        without DP); ``hash_stage`` says which bytes were hashed (``after_dp``, the default, or
-        ``after_masking``).
+        The spends are the site's cumulative DP spend on the study after this round, one pair per
+        unit of protection, never summed: ``patient_*`` (DP-SGD: any one patient's records) and
+        ``site_*`` (update-level DP inside secure aggregation: the site's whole contribution); each
+        absent when that mechanism did not run. ``hash_stage`` says which bytes were hashed
+        (``after_dp``, the default, or ``after_masking``).
         """
         record = _fields(_parse_json(contribution, "contribution"), "contribution", K_CONTRIBUTION)
         stored = {
@@ -459,8 +461,10 @@ class ClinfedContract(Contract):
             "update_sha256": _text(record["update_sha256"], "update_sha256", _SHA256, "64 lowercase hex digits"),
             "n_samples": _int(record["n_samples"], "n_samples"),
             "metrics": _metrics(record.get("metrics") or {}, "metrics"),
-            "epsilon": _optional(record, "epsilon", _number, 0.0),
-            "delta": _optional(record, "delta", _number, 0.0, 1.0),
+            "patient_epsilon": _optional(record, "patient_epsilon", _number, 0.0),
+            "patient_delta": _optional(record, "patient_delta", _number, 0.0, 1.0),
+            "site_epsilon": _optional(record, "site_epsilon", _number, 0.0),
+            "site_delta": _optional(record, "site_delta", _number, 0.0, 1.0),
             "hash_stage": record.get("hash_stage") or HASH_STAGES[0],
         }
         if stored["hash_stage"] not in HASH_STAGES:
@@ -477,7 +481,8 @@ class ClinfedContract(Contract):
 
     async def RecordGlobalModel(self, ctx: TransactionContext, model: str) -> str:
         """``{"job_id", "round", "model_sha256", "participants", "aggregation", "expected_sites"?,
-        "n_samples"?, "epsilon"?, "metrics"?}``, written by the coordinator.
+        "n_samples"?, "patient_epsilon"?, "site_epsilon"?, "metrics"?}``, written by the coordinator
+        (the spends: the largest any participant reported, per unit).
 
         ``expected_sites`` (default: the participants) are the sites the round was sent to; each
         must end up with a contribution or a recorded absence for the job's chain to be complete.
@@ -497,7 +502,8 @@ class ClinfedContract(Contract):
             "expected_sites": expected,
             "aggregation": _text(record["aggregation"], "aggregation", _SITE, "a method name of [A-Za-z0-9._-]"),
             "n_samples": _optional(record, "n_samples", _int),
-            "epsilon": _optional(record, "epsilon", _number, 0.0),
+            "patient_epsilon": _optional(record, "patient_epsilon", _number, 0.0),
+            "site_epsilon": _optional(record, "site_epsilon", _number, 0.0),
             "metrics": _metrics(record.get("metrics") or {}, "metrics"),
         }
         consortium = await self._consortium(ctx)

@@ -123,18 +123,23 @@ _KEEPALIVE_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 0),
 ]
+# gRPC's C core binds with SO_REUSEPORT by default: a second service on the same address would
+# start silently and take part of the peers' connections. Here it fails to bind instead.
+_SERVER_OPTIONS = [*_KEEPALIVE_OPTIONS, ("grpc.so_reuseport", 0)]
 
 
 async def serve(chaincode_id: str, address: str, *, key: bytes | None = None, cert: bytes | None = None,
-                client_ca: bytes | None = None, on_ready=None, stop: asyncio.Event | None = None) -> None:
+                client_ca: bytes | None = None, on_ready=None, stop: asyncio.Event | None = None,
+                chaincode=None) -> None:
     """Serve the contract until ``stop`` is set (or the task is cancelled).
 
     With ``key`` and ``cert`` the server uses TLS; with ``client_ca`` also it requires peers'
     client certificates. Without key and cert it serves plaintext. ``on_ready(port)`` is called
-    once it listens.
+    once it listens. ``chaincode`` replaces the clinfed contract (``new_chaincode()``).
     """
-    server = grpc.aio.server(options=_KEEPALIVE_OPTIONS)
-    chaincode_shim_pb2_grpc.add_ChaincodeServicer_to_server(ChaincodeService(chaincode_id, new_chaincode()), server)
+    server = grpc.aio.server(options=_SERVER_OPTIONS)
+    chaincode_shim_pb2_grpc.add_ChaincodeServicer_to_server(
+        ChaincodeService(chaincode_id, chaincode or new_chaincode()), server)
     if key and cert:
         credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
                                                   require_client_auth=client_ca is not None)
@@ -155,7 +160,8 @@ async def serve(chaincode_id: str, address: str, *, key: bytes | None = None, ce
         await server.stop(3)
 
 
-def main() -> None:
+def main(chaincode=None) -> None:
+    """Serve as the environment says (see the module's docstring); ``chaincode`` as in :func:`serve`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     chaincode_id = os.environ.get("CHAINCODE_ID")
     address = os.environ.get("CHAINCODE_SERVER_ADDRESS")
@@ -172,7 +178,8 @@ def main() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await serve(chaincode_id, address, key=None if plaintext else key, cert=None if plaintext else cert,
-                    client_ca=None if plaintext else _pem(os.environ.get("CHAINCODE_CLIENT_CA_CERT")), stop=stop)
+                    client_ca=None if plaintext else _pem(os.environ.get("CHAINCODE_CLIENT_CA_CERT")), stop=stop,
+                    chaincode=chaincode)
 
     asyncio.run(run())
 

@@ -281,9 +281,11 @@ def table(headers: list[str], rows: list[list]) -> str:
 def contributions_table(rows: list[dict]) -> str:
     if not rows:
         return "no contributions recorded"
-    return table(["round", "site", "update sha256", "stage", "n", "epsilon", "excluded", "metrics", "recorded"],
+    return table(["round", "site", "update sha256", "stage", "n", "eps patient", "eps site", "excluded", "metrics",
+                  "recorded"],
                  [[r["round"], r["site"], _short(r["update_sha256"]), r.get("hash_stage", "-"), r["n_samples"],
-                   _number(r.get("epsilon")), _number((r.get("metrics") or {}).get("consent_excluded")),
+                   _number(r.get("patient_epsilon")), _number(r.get("site_epsilon")),
+                   _number((r.get("metrics") or {}).get("consent_excluded")),
                    ", ".join(f"{k}={_number(v)}" for k, v in sorted((r.get("metrics") or {}).items())
                              if k != "consent_excluded") or "-",
                    _time(r.get("timestamp"))] for r in rows])
@@ -292,12 +294,14 @@ def contributions_table(rows: list[dict]) -> str:
 def models_table(rows: list[dict]) -> str:
     if not rows:
         return "no global models recorded"
-    return table(["round", "model sha256", "aggregation", "participants", "absent", "n", "epsilon", "recorded"],
+    return table(["round", "model sha256", "aggregation", "participants", "absent", "n", "eps patient", "eps site",
+                  "recorded"],
                  [[r["round"], _short(r.get("model_sha256")), r.get("aggregation", "-"),
                    ",".join(r.get("participants") or []) or "-",
                    ",".join(f"{a['site']} ({a['reason']})" if a.get("reason") else a["site"]
                             for a in r.get("absent", [])) or "-",
-                   _number(r.get("n_samples")), _number(r.get("epsilon")), _time(r.get("timestamp"))] for r in rows])
+                   _number(r.get("n_samples")), _number(r.get("patient_epsilon")), _number(r.get("site_epsilon")),
+                   _time(r.get("timestamp"))] for r in rows])
 
 
 def consents_table(rows: list[dict]) -> str:

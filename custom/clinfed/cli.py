@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -64,26 +65,43 @@ def print_ingestion_report(report: dict) -> None:
             print(f"    - {issue}")
 
 
-def cmd_data_check(args) -> int:
+def _check_site(site_dir: Path, args) -> dict:
     from clinfed.data.ingest import ingest_site
     from clinfed.data.pseudonym import Pseudonymiser
 
-    reports = []
+    if not (site_dir / "imaging").is_dir() and not (site_dir / "fhir").is_dir():
+        raise ClinfedError(f"{site_dir}: not a site folder (expected imaging/ and fhir/ inside)")
+    pseudonymiser = Pseudonymiser.for_site(site_dir, args.secret_file)
+    n_studies = len(list((site_dir / "imaging").glob("*/"))) if (site_dir / "imaging").is_dir() else 0
+    with tqdm(total=n_studies, desc=f"ingesting {site_dir.name}", unit="study", file=sys.stderr,
+              disable=args.json) as bar:
+        ingestion = ingest_site(site_dir, args.study, pseudonymiser, progress=bar)
+    return ingestion.report()
+
+
+def cmd_data_check(args) -> int:
+    """Every site is checked, whatever another one's error; exit 2 when any site could not be."""
+    reports, failed = [], 0
     for site_dir in args.site_dirs:
-        if not (site_dir / "imaging").is_dir() and not (site_dir / "fhir").is_dir():
-            raise ClinfedError(f"{site_dir}: not a site folder (expected imaging/ and fhir/ inside)")
-        n_studies = len(list((site_dir / "imaging").glob("*/"))) if (site_dir / "imaging").is_dir() else 0
-        with tqdm(total=n_studies, desc=f"ingesting {site_dir.name}", unit="study", file=sys.stderr,
-                  disable=args.json) as bar:
-            ingestion = ingest_site(site_dir, args.study, Pseudonymiser.for_site(site_dir, args.secret_file),
-                                    progress=bar)
-        reports.append(ingestion.report())
+        try:
+            reports.append(_check_site(site_dir, args))
+        except USER_ERRORS as err:
+            failed += 1
+            message = user_error_message(err)
+            reports.append({"site_dir": str(site_dir), "error": message})
+            print(f"clinfed: error: {message}", file=sys.stderr)
     if args.json:
         print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
     else:
         for report in reports:
-            print_ingestion_report(report)
-    return 0
+            if "error" in report:
+                print(f"== {report['site_dir']}: NOT CHECKED (error above) ==")
+            else:
+                print_ingestion_report(report)
+    if len(reports) > 1:
+        print(f"{len(reports) - failed} of {len(reports)} site(s) checked"
+              + (f"; {failed} could not be (see above)" if failed else ""), file=sys.stderr)
+    return 2 if failed else 0
 
 
 def cmd_demo(args) -> int:
@@ -185,6 +203,10 @@ def cmd_keys_register(args) -> int:
         if not args.site_config:
             raise ClinfedError("give --key-file, or --site-config to use the site's masking_key_file")
         key_file = site_files(args.site, args.site_config.parent).masking_key_file
+    if Path(key_file).exists():  # a bad key file is named before any ledger is touched
+        from clinfed.privacy.secagg import load_private_key
+
+        load_private_key(key_file)
     with _open_ledger(args, args.site) as ledger:
         public, new = audit.register_masking_key(ledger, args.site, key_file)
     if args.json:
@@ -285,6 +307,21 @@ def cmd_jobs_export(args) -> int:
     for path in export_jobs(args.jobs_dir):
         print(f"exported {path}")
     return 0
+
+
+def cmd_jobs_check(args) -> int:
+    from clinfed.jobs.folder_check import check_job_folder
+
+    checks = [check_job_folder(job_dir) for job_dir in args.job_dirs]
+    if args.json:
+        print(json.dumps([c.to_dict() for c in checks] if len(checks) > 1 else checks[0].to_dict(), indent=2))
+    else:
+        for check in checks:
+            if check.ok:
+                print(f"{check.job_dir}: OK ({check.components} components load and accept their arguments)")
+            for problem in check.problems:
+                print(f"clinfed: error: {problem}", file=sys.stderr)
+    return 0 if all(c.ok for c in checks) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -405,18 +442,41 @@ def build_parser() -> argparse.ArgumentParser:
     export = jobs.add_parser("export", help="export the Python job definitions into job folders")
     export.add_argument("--jobs-dir", type=Path, default=Path("jobs"))
     export.set_defaults(func=cmd_jobs_export)
+    job_check = jobs.add_parser("check", help="check job folders before submitting them: meta.json, app configs, "
+                                              "component classes and their arguments")
+    job_check.add_argument("job_dirs", type=Path, nargs="+", metavar="JOB_DIR")
+    job_check.add_argument("--json", action="store_true")
+    job_check.set_defaults(func=cmd_jobs_check)
 
     add_consortium_commands(sub)
     return parser
+
+
+# Errors a user causes (a bad file, a missing folder, a refused input): one line, no traceback.
+USER_ERRORS = (ClinfedError, FhirInputError, OSError)
+
+
+def user_error_message(err: BaseException) -> str:
+    """One line naming the file: OSError carries the file name apart from its message."""
+    if isinstance(err, OSError) and err.filename:
+        return f"{err.filename}: {err.strerror or err}"
+    return str(err)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ClinfedError, FhirInputError) as err:
-        print(f"clinfed: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        print(f"clinfed: error: {user_error_message(err)}", file=sys.stderr)
         return 2
+    except sqlite3.DatabaseError as err:  # a damaged file given as a ledger
+        source = getattr(args, "ledger", None) or getattr(args, "site_config", None) or "the ledger"
+        print(f"clinfed: error: {source}: not a readable ledger ({err})", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clinfed: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

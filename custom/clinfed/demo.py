@@ -180,11 +180,10 @@ def run_federated(data_dir: Path, workspace_root: Path, config: DemoConfig, ledg
         ledger_path = Path(workspace_root) / LEDGER_FILE
         prepare_ledger(ledger_path, data_dir, site_names(config), log=lambda message: None,
                        masking_keys="mask" in config.privacy)
-    os.environ[DATA_ROOT_ENV] = str(data_dir.resolve())
     # The simulated clients are processes sharing our cores: one thread each avoids thrashing.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     env = SimEnv(clients=site_names(config), num_threads=config.sites, workspace_root=str(workspace_root))
-    with _environment(**{LEDGER_ENV: str(Path(ledger_path).resolve()),
+    with _environment(**{LEDGER_ENV: str(Path(ledger_path).resolve()), DATA_ROOT_ENV: str(data_dir.resolve()),
                          JOB_ID_ENV: job_id or new_job_id(recipe.name)}):
         run = recipe.execute(env)
         run.get_result()
@@ -221,17 +220,21 @@ def refuse_spent_budgets(data_dir: Path, sites: list[str]) -> None:
 
 
 def privacy_spend(ledger_path: Path, job_id: str, config: DemoConfig) -> dict:
-    """Each site's epsilon spent on the study after this job, as its contributions recorded it
-    on the ledger (None for a site without DP), and the delta of the guarantee."""
+    """Each site's epsilon spent on the study after this job, per unit of protection (never
+    summed), as its contributions recorded it on the ledger (None where that mechanism did not run),
+    with each unit's delta."""
     with ledger_settings(COORDINATOR, ledger=ledger_path).open(outbox=False) as ledger:
         records = sorted(ledger.contributions(job_id), key=lambda c: c.round)
-    epsilon = {site: None for site in site_names(config)}
-    deltas = set()
-    for record in records:  # the last round's figure is the total
-        if record.epsilon is not None:
-            epsilon[record.site] = record.epsilon
-            deltas.add(record.delta)
-    return {"mode": config.privacy, "epsilon": epsilon, "delta": max(deltas) if deltas else None,
+    units = {}
+    for unit in ("patient", "site"):
+        epsilon = {site: None for site in site_names(config)}
+        deltas = set()
+        for record in records:  # the last round's figure is the total
+            if getattr(record, f"{unit}_epsilon") is not None:
+                epsilon[record.site] = getattr(record, f"{unit}_epsilon")
+                deltas.add(getattr(record, f"{unit}_delta"))
+        units[unit] = {"epsilon": epsilon, "delta": max(deltas) if deltas else None}
+    return {"mode": config.privacy, "patient_level": units["patient"], "site_level": units["site"],
             "target_epsilon": config.dp_target_epsilon if "dp" in config.privacy else None,
             "masked": "mask" in config.privacy}
 
@@ -381,11 +384,13 @@ def results_table(results: dict) -> str:
     lines.append("federated Dice per round: " + ", ".join(
         f"r{r['round']}={fmt(r['dice']).strip()}" for r in results["federated"]["per_round"]))
     privacy = results.get("privacy") or {}
-    if any(v is not None for v in privacy.get("epsilon", {}).values()):
-        lines.append(f"privacy spent (epsilon at delta {privacy['delta']:.2g}, budget {privacy['target_epsilon']}): "
-                     + ", ".join(f"{site} {fmt(eps).strip()}" for site, eps in privacy["epsilon"].items()))
+    for unit, label in (("patient_level", "patient-level (DP-SGD)"), ("site_level", "site-level (update DP)")):
+        spend = privacy.get(unit) or {}
+        if any(v is not None for v in spend.get("epsilon", {}).values()):
+            lines.append(f"{label} epsilon spent at delta {spend['delta']:.2g}: "
+                         + ", ".join(f"{site} {fmt(eps).strip()}" for site, eps in spend["epsilon"].items()))
     if privacy.get("masked"):
-        lines.append("updates were pairwise-masked: the server only ever held their sum")
+        lines.append("every round was securely aggregated: the server only ever opened the sum of the sites' updates")
     ledger = results.get("ledger")
     if ledger:
         lines.append(f"ledger ({ledger['backend']}, {ledger['path']}): job {ledger['job_id']}, {ledger['records']} "

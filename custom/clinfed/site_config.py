@@ -15,17 +15,21 @@ every run; a site's spent budget must outlive that). Jobs never name any of thes
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from clinfed.config_files import read_json_object
 from clinfed.errors import ConfigError
 
 SITE_CONFIG_FILE = "clinfed_site.json"
 DATA_ROOT_ENV = "CLINFED_DATA_ROOT"
 MASKING_KEY_FILE = "masking_key.pem"
 PRIVACY_DIR_NAME = "clinfed_privacy"
+# The fields of clinfed_site.json: paths, the ledger section (read by clinfed.ledger.settings) and
+# the site's privacy policy (read by clinfed.privacy.policy).
+PATH_FIELDS = ("data_dir", "secret_file", "masking_key_file", "privacy_dir")
+SITE_CONFIG_FIELDS = (*PATH_FIELDS, "ledger", "privacy")
 
 
 @dataclass(frozen=True)
@@ -36,16 +40,15 @@ class SiteFiles:
     privacy_dir: Path  # privacy state that outlives jobs: spent budgets, masked rounds
 
 
-def read_json_object(path: Path, where: str | None = None) -> dict:
-    """A configuration file holding one JSON object; a clear ConfigError naming it otherwise."""
-    where = where or str(path)
-    try:
-        content = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{where}: not readable JSON ({err})") from None
-    if not isinstance(content, dict):
-        raise ConfigError(f"{where}: must hold a JSON object")
-    return content
+def read_site_config(config_file: Path) -> dict:
+    """A participant's ``clinfed_site.json``, its fields checked: known names, paths as strings."""
+    config = read_json_object(config_file)
+    for name, value in config.items():
+        if name not in SITE_CONFIG_FIELDS:
+            raise ConfigError(f"{config_file}: field {name!r} is unknown (known: {', '.join(SITE_CONFIG_FIELDS)})")
+        if name in PATH_FIELDS and not (isinstance(value, str) and value.strip()):
+            raise ConfigError(f"{config_file}: field {name!r} must be a path string, got {value!r}")
+    return config
 
 
 def site_files(site: str, site_config_dir: str | os.PathLike) -> SiteFiles:
@@ -53,7 +56,7 @@ def site_files(site: str, site_config_dir: str | os.PathLike) -> SiteFiles:
     local = Path(site_config_dir)
     config_file = local / SITE_CONFIG_FILE
     if config_file.is_file():
-        config = read_json_object(config_file)
+        config = read_site_config(config_file)
         if "data_dir" not in config:
             raise ConfigError(f"{config_file}: field 'data_dir' is missing")
         secret = config.get("secret_file")

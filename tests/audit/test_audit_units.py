@@ -114,7 +114,9 @@ def test_contribution_recorder_records_what_it_is_given_and_sends_it_unchanged(t
     sent = from_shareable(out)
     assert all(np.array_equal(sent.data[k], original[k]) for k in original)
     (record,) = LocalLedger(ledger_path, "CoordinatorMSP").contributions("job-unit")
-    assert (record.round, record.site, record.n_samples, record.epsilon, record.delta) == (4, "site-1", 9, 1.5, 1e-5)
+    assert (record.round, record.site, record.n_samples, record.site_epsilon, record.site_delta) == (
+        4, "site-1", 9, 1.5, 1e-5)
+    assert record.patient_epsilon is None  # no DP-SGD ran: the units are never merged
     assert record.update_sha256 == update_sha256(sent) and record.hash_stage == "after_dp"
     assert record.metrics == {"cohort_train": 9, "cohort_validation": 2, "consent_excluded": 1,
                               "received_dice": 0.25, "train_loss": 0.5}

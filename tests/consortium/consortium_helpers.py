@@ -43,6 +43,7 @@ def export_private_job(jobs_dir: Path, name: str = "tiny_private", num_rounds: i
     from nvflare.job_config.defs import FilterType
 
     from clinfed.executors.secagg_client import SecAggClient
+    from clinfed.jobs.tumour_seg import TASK_REQUEST_INTERVAL
     from clinfed.executors.seg_executor import SegExecutor
     from clinfed.filters.contribution_record import ContributionRecorder
     from clinfed.models.fusion_seg import FusionSegNet
@@ -55,7 +56,7 @@ def export_private_job(jobs_dir: Path, name: str = "tiny_private", num_rounds: i
     job.to_server(SecAggFedAvg(num_clients=num_clients, num_rounds=num_rounds, persistor_id=persistor_id,
                                encoding="dp", clip=UPDATE_DP["mask_clip_range"], weight_bound=1e3,
                                noise_multiplier=UPDATE_DP["mask_noise_multiplier"], train_timeout=train_timeout))
-    job.to_server({"server": {"task_request_interval": 0.1}})
+    job.to_server({"server": {"task_request_interval": TASK_REQUEST_INTERVAL}})
     job.to_server(LedgerRecorder(persistor_id=persistor_id, aggregation="secagg_fedavg"), id="ledger_recorder")
     trainer = SegExecutor(local_epochs=1, batch_size=2, lr=2e-3, roi=list(ROI))
     job.to_clients(SecAggClient(trainer=trainer), tasks=["train", "validate", SETUP_TASK, UNMASK_TASK])

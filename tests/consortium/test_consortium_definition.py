@@ -7,6 +7,7 @@ import copy
 import pytest
 from consortium_helpers import CONSORTIUM_YML, consortium_dict, write_consortium
 
+from clinfed.cli import main
 from clinfed.consortium import ConsortiumError, load_consortium, parse_consortium
 from clinfed.consortium import local_files
 from clinfed.consortium.provision import project_yml
@@ -71,13 +72,19 @@ BAD_DEFINITIONS = [
 
 
 @pytest.mark.parametrize("label,change,field,problem", BAD_DEFINITIONS, ids=[b[0] for b in BAD_DEFINITIONS])
-def test_bad_definition_is_refused_naming_the_field(label, change, field, problem):
+def test_bad_definition_is_refused_naming_the_field(label, change, field, problem, tmp_path, capsys):
     with pytest.raises(ConsortiumError) as info:
         parse_consortium(_mutated(change), source="consortium.yml")
     assert info.value.field == field
     message = str(info.value)
     assert f"field '{field}'" in message and problem in message and message.startswith("consortium.yml")
     assert isinstance(info.value, ConfigError)
+    # Through the command: exit 2, one line naming the file and the field, nothing provisioned.
+    path = write_consortium(tmp_path / "c.yml", _mutated(change))
+    assert main(["consortium", "provision", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"clinfed: error: {path}: field '{field}': {info.value.problem}\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_file_names_the_file_and_field(tmp_path):
@@ -212,8 +219,6 @@ def test_fabric_ledger_needs_each_participants_peer():
 
 
 def test_cli_refuses_a_bad_definition_with_exit_2(tmp_path, capsys):
-    from clinfed.cli import main
-
     path = write_consortium(tmp_path / "c.yml", _mutated(lambda r: r["sites"][0]["privacy"]["update_dp"].update(
         epsilon=-1)))
     assert main(["consortium", "provision", str(path), "--out", str(tmp_path / "out")]) == 2

@@ -134,7 +134,8 @@ def test_private_job_through_the_flare_api_and_each_site_verifies_it(consortium,
     with _site_ledger(state, "site-1") as ledger:
         rows = audit.contributions(ledger, job_id)
     assert sorted((r["round"], r["site"]) for r in rows) == [(r, s) for r in (0, 1) for s in SITES]
-    assert all(r.get("epsilon") for r in rows), rows  # DP spend recorded at every site
+    # Both units recorded at every site, separately: DP-SGD (patient) and update DP (site).
+    assert all(r.get("patient_epsilon") and r.get("site_epsilon") for r in rows), rows
     # What each site recorded is the masked input it sent.
     assert {r["hash_stage"] for r in rows} == {"after_masking"}, rows
     site1_log = "\n".join(p.read_text(errors="replace") for p in (Path(state["kits"]["site-1"]) / job_id).rglob("log.txt"))
@@ -166,7 +167,7 @@ def test_job_asking_for_the_strict_scope_gets_it_at_every_site(consortium, tmp_p
         rows = audit.contributions(ledger, job_id)
         assert audit.verify(ledger, job_id).ok
     assert sorted(r["site"] for r in rows) == SITES
-    assert all(r.get("epsilon") and r["hash_stage"] == "after_masking" for r in rows), rows
+    assert all(r.get("site_epsilon") and r["hash_stage"] == "after_masking" for r in rows), rows
 
 
 def test_job_naming_a_scope_the_site_lacks_is_refused_at_deploy(consortium, tmp_path, capsys):
@@ -211,6 +212,64 @@ def test_component_off_the_allow_list_is_refused_and_status_says_why(consortium,
     assert "not on this participant's class allow-list" in trial.status_text(trial.status(out, query_server=False))
 
 
+def _edit_config(job_dir: Path, name: str, change) -> None:
+    path = job_dir / "app" / "config" / name
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config, indent=2))
+
+
+def test_bad_job_arguments_fail_at_deploy_and_status_names_them(consortium, tmp_path, capsys):
+    """``num_rounds: -1`` in the server config (FLARE's own FedAvg ran zero rounds and reported
+    COMPLETED) and ``lr: 0`` in the client config: both jobs fail when FLARE builds them, and
+    ``consortium status`` names the argument at each participant that refused it."""
+    out, state = consortium["out"], consortium["state"]
+    rounds_job = export_plain_job(tmp_path / "jobs", name="tiny_negative_rounds", scope="strict")
+    _edit_config(rounds_job, "config_fed_server.json", lambda c: c["workflows"][0]["args"].update(num_rounds=-1))
+    lr_job = export_plain_job(tmp_path / "jobs", name="tiny_zero_lr", scope="strict")
+    _edit_config(lr_job, "config_fed_client.json", lambda c: c["executors"][0]["executor"]["args"].update(lr=0))
+
+    rounds_id, meta, seconds = _run(out, rounds_job, timeout=180)
+    assert meta["status"] == "FINISHED:EXECUTION_EXCEPTION", meta["status"]
+    lr_id, lr_meta, _ = _run(out, lr_job, timeout=180)
+    assert lr_meta["status"] == "FINISHED:ABNORMAL", lr_meta["status"]
+
+    jobs = {j["job_id"]: j for j in trial.status(out, query_server=False)["jobs"]}
+    [server_cause] = jobs[rounds_id]["causes"]
+    assert server_cause["participant"] == state["server"]
+    assert "num_rounds: must be >= 1, got -1" in server_cause["evidence"][0]
+    assert "jobs-storage" in server_cause["log"]  # read from the server's zipped job workspace
+    site_causes = {c["participant"]: c for c in jobs[lr_id]["causes"]}
+    assert set(site_causes) == set(SITES), jobs[lr_id]["causes"]
+    for cause in site_causes.values():
+        assert cause["kind"] == "job_config"
+        assert cause["evidence"] == ["config_fed_client.json executors.#1.executor "
+                                     "(clinfed.executors.seg_executor.SegExecutor): ArgumentError: lr: must be > 0, got 0"]
+    text = _cli("consortium", "status", str(out), capsys=capsys)
+    assert "num_rounds: must be >= 1, got -1" in text and "lr: must be > 0, got 0" in text
+    with _site_ledger(state, COORDINATOR) as ledger:  # nothing ran, nothing was recorded
+        assert audit.models(ledger, rounds_id) == [] and audit.contributions(ledger, lr_id) == []
+    print(f"num_rounds -1: submit to failed {seconds:.1f} s")
+
+
+def test_unknown_class_in_the_server_config_shows_its_cause(consortium, tmp_path):
+    """A job naming a class that does not exist ends EXECUTION_EXCEPTION with every deploy
+    detail OK; the cause is only in the server's job workspace, which FLARE zips into its job store."""
+    out, state = consortium["out"], consortium["state"]
+    job_dir = export_plain_job(tmp_path / "jobs", name="tiny_unknown_class", scope="strict")
+    _edit_config(job_dir, "config_fed_server.json", lambda c: c["components"].append(
+        {"id": "typo", "path": "clinfed.widgets.round_log.RoundLogWritter", "args": {}}))
+    job_id, meta, _ = _run(out, job_dir, timeout=180)
+    assert meta["status"] == "FINISHED:EXECUTION_EXCEPTION"
+    assert all(detail.endswith(": OK") for detail in meta["job_deploy_detail"])
+    job = next(j for j in trial.status(out, query_server=False)["jobs"] if j["job_id"] == job_id)
+    causes = {c["participant"]: c for c in job["causes"]}
+    assert causes[state["server"]]["kind"] == "job_config"
+    assert "RoundLogWritter" in causes[state["server"]]["evidence"][0]
+    assert "config_fed_server.json components." in causes[state["server"]]["evidence"][0]
+    assert "Can't load class" in causes[state["server"]]["evidence"][0]
+
+
 def test_member_cannot_submit(consortium, tmp_path):
     from nvflare.fuel.flare_api.api_spec import AuthorizationError
 
@@ -224,11 +283,11 @@ def test_member_cannot_submit(consortium, tmp_path):
 def test_strict_site_releases_nothing_unmasked_for_a_job_without_privacy(consortium, tmp_path):
     """A plain FedAvg job names no scope and has no secure aggregation; site-1's default (strict)
     scope's guard replaces its weight difference by an error reply: the server receives no update
-    of site-1 at all."""
+    of site-1 at all, the round goes on with the others, and the ledger says why site-1 is absent."""
     out, state = consortium["out"], consortium["state"]
     job_dir = export_plain_job(tmp_path / "jobs", name="tiny_plain", num_rounds=1)
     job_id, meta, _ = _run(out, job_dir)
-    assert meta["status"] != "FINISHED:COMPLETED"
+    assert meta["status"] == "FINISHED:COMPLETED", trial.status_text(trial.status(out, query_server=False))
 
     with trial.admin_session(out) as session:
         result_dir = Path(session.download_job_result(job_id))
@@ -239,8 +298,10 @@ def test_strict_site_releases_nothing_unmasked_for_a_job_without_privacy(consort
     assert all("peer_rc=TASK_RESULT_FILTER_ERROR" in line for line in site1_results)
     with _site_ledger(state, "site-1") as ledger:
         assert [r for r in audit.contributions(ledger, job_id) if r["site"] == "site-1"] == []
-    job = next(j for j in trial.status(out, query_server=False)["jobs"] if j["job_id"] == job_id)
-    assert ("site-1", "privacy_refused") in [(c["participant"], c["kind"]) for c in job["causes"]]
+        rounds = audit.models(ledger, job_id)
+    assert rounds[0]["participants"] == ["site-2", "site-3"]
+    absent = {a["site"]: a["reason"] for a in rounds[0]["absent"]}
+    assert "strict privacy scope released nothing" in absent["site-1"] and "not masked" in absent["site-1"]
 
 
 def test_site_provisioned_elsewhere_cannot_connect(consortium, tmp_path):

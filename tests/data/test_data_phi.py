@@ -75,3 +75,73 @@ def test_same_mrn_under_another_site_key_gives_another_pseudonym(site_copy):
     assert rekeyed.isdisjoint({Pseudonymiser(key)(c.patient.mrn) for c in site_copy.truth})
     assert rekeyed == {Pseudonymiser(other_key)(site_copy.truth[i].patient.mrn)
                        for i in active_indices(site_copy.truth)}
+
+
+def test_leak_scan_finds_each_kind_of_identifier_where_it_is_planted(site_copy, tmp_path):
+    """The opponent for the scans below: an MRN in a log, a FHIR logical id in a report, a
+    birth date and a name in a zipped log, a study UID in a binary file are all found."""
+    import zipfile
+
+    from phi_scan import fhir_logical_ids, leaks_in_text, leaks_in_tree
+
+    patient = site_copy.truth[0].patient
+    identifiers = identifiers_in_input(site_copy.dir)
+    logical = sorted(v for v in fhir_logical_ids(site_copy.dir) if v.startswith("Patient/"))[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "log.txt").write_text(f"2026-01-01 INFO ingested {patient.mrn} fine\n")
+    (out / "report.json").write_text(json.dumps({"issue": f"fhir/Patient.ndjson:3 ({logical}): bad"}))
+    with zipfile.ZipFile(out / "workspace", "w") as archive:
+        archive.writestr("log.txt", f"born {patient.birth_date.isoformat()}, {patient.family_name}")
+    (out / "model.pt").write_bytes(b"\0\1\2" + patient.study_uid.encode() + b"\0")
+    found = leaks_in_tree(identifiers, out)
+    assert found[str(out / "log.txt")] == {patient.mrn}
+    assert logical in found[str(out / "report.json")]
+    assert found[f"{out / 'workspace'}!log.txt"] >= {patient.birth_date.isoformat(), patient.family_name}
+    assert found[str(out / "model.pt")] == {patient.study_uid}
+    # A name inside a longer word is not a leak (4-letter names occur in words of any log).
+    assert leaks_in_text({"Anna"}, "Annabel Annals") == set() and leaks_in_text({"Anna"}, "to Anna.") == {"Anna"}
+
+
+def test_data_check_output_carries_no_identifier_of_a_damaged_site(site_copy, capsys):
+    """``clinfed data check`` on a site with a broken Patient: the FHIR issues name file and line,
+    never the record's logical id (``Patient/<uuid>`` is the hospital's own identifier)."""
+    from phi_scan import leaks_in_text
+
+    from clinfed.cli import main
+
+    patient_file = site_copy.dir / "fhir" / "Patient.ndjson"
+    mrn = site_copy.truth[active_indices(site_copy.truth)[0]].patient.mrn
+    patient_file.write_text(patient_file.read_text(encoding="utf-8").replace(
+        f'"value":"{mrn}"', f'"value":{mrn}'), encoding="utf-8")
+    identifiers = identifiers_in_input(site_copy.dir)
+    for json_flag in ([], ["--json"]):
+        assert main(["data", "check", str(site_copy.dir), *json_flag]) == 0
+        captured = capsys.readouterr()
+        assert "Patient.ndjson" in captured.out  # the issue is reported, by file
+        assert leaks_in_text(identifiers, captured.out + captured.err) == set()
+
+
+def test_full_demo_prints_writes_and_records_no_identifier(tmp_path):
+    """``clinfed demo --quick --rounds 1`` as a user runs it: its output, results, plots, FLARE
+    workspace (every participant's logs and run files) and ledger hold no identifier of any
+    site's input."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from phi_scan import leaks_in_text, leaks_in_tree
+
+    out = tmp_path / "demo"
+    clinfed = Path(sys.executable).parent / "clinfed"
+    env = {k: v for k, v in os.environ.items() if k not in ("CLINFED_LEDGER", "CLINFED_DATA_ROOT", "CLINFED_JOB_ID")}
+    proc = subprocess.run([str(clinfed), "demo", "--quick", "--rounds", "1", "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sites = sorted(p for p in (out / "data").iterdir() if p.is_dir())
+    identifiers = set().union(*(identifiers_in_input(site) for site in sites))
+    assert len(sites) == 3 and len(identifiers) > 300
+    assert (out / "results.json").is_file() and (out / "ledger.sqlite").is_file()
+    assert leaks_in_text(identifiers, proc.stdout + proc.stderr) == set()
+    assert leaks_in_tree(identifiers, out, skip=(out / "data",)) == {}

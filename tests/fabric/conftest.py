@@ -1,6 +1,6 @@
 """A real Fabric network for the tests in this folder: started once per session from the cached
 binaries (built on first use), stopped at the end. If it cannot be started the tests fail with
-the reason."""
+the reason. Tests that need no network (address leases) run in `make test`."""
 
 from __future__ import annotations
 
@@ -17,11 +17,14 @@ for path in (REPO, REPO / "chaincode"):
 from fabric_network import FabricNetworkError, testing  # noqa: E402
 
 
+FABRIC_FIXTURES = {"fabric_net", "bft_net"}
+
+
 def pytest_collection_modifyitems(items):
-    """Everything in this folder needs the native network: `make test-fabric` (marker `fabric`)."""
+    """A test here that uses a network needs the native binaries: `make test-fabric` (marker `fabric`)."""
     here = Path(__file__).parent
     for item in items:
-        if here in Path(item.fspath).parents:
+        if here in Path(item.fspath).parents and FABRIC_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.fabric)
 
 
@@ -34,7 +37,8 @@ def _network(consensus: str):
 
 @pytest.fixture(scope="session")
 def fabric_net():
-    """The session's Raft network: 1 orderer, Coordinator + 3 sites + an outsider org."""
+    """The session's Raft network: 1 orderer, Coordinator + 3 sites (each with its own peer and
+    chaincode service) + an outsider org without a peer."""
     yield _network("raft")
     testing.stop_shared("raft")
 

@@ -4,7 +4,7 @@ import filecmp
 import json
 from pathlib import Path
 
-from clinfed.jobs.tumour_seg import export_jobs
+from clinfed.jobs.tumour_seg import TASK_REQUEST_INTERVAL, export_jobs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,8 +58,8 @@ def test_private_job_runs_secure_aggregation_around_dp_sgd_and_has_no_cross_site
     # submit_model would send a site's local model in clear: a masked job does not serve it.
     assert sorted(executor["tasks"]) == ["secagg_setup", "secagg_unmask", "train", "validate"]
     assert [w["path"] for w in server["workflows"]] == ["clinfed.workflows.secagg_fedavg.SecAggFedAvg"]
-    # Sites ask for their next task 0.1 s after the last, not FLARE's 2 s: a round is three tasks.
-    assert server["server"]["task_request_interval"] == 0.1
+    # Sites ask for their next task 0.05 s after the last, not FLARE's 2 s: a round is two tasks.
+    assert server["server"]["task_request_interval"] == TASK_REQUEST_INTERVAL == 0.05
     # The contribution record hashes the bytes the site sends: the masked input.
     result_filters = [f["path"] for group in client["task_result_filters"] for f in group["filters"]]
     assert result_filters == ["clinfed.filters.contribution_record.ContributionRecorder"]

@@ -188,7 +188,7 @@ def test_a_ledger_json_that_is_not_json_is_named(tmp_path, capsys):
     config = tmp_path / "ledger.json"
     config.write_text("{backend: local")
     code, _, err = run(capsys, "audit", "models", "--ledger", config, "--job", "j")
-    assert code == 2 and f"{config}" in err and "not readable JSON" in err
+    assert code == 2 and f"{config}" in err and "not valid JSON" in err
 
 
 def test_audit_watch_on_a_damaged_ledger_names_the_block(ledger, capsys):

@@ -18,14 +18,15 @@ JOB = "job-7f3a"
 
 def contribution(site="site-1", round_=0, job=JOB, **kw) -> Contribution:
     values = dict(job_id=job, round=round_, site=site, update_sha256=digest(f"{job}/{round_}/{site}"),
-                  n_samples=40, metrics={"train_loss": 0.42, "val_dice": 0.71}, epsilon=1.5, delta=1e-5)
+                  n_samples=40, metrics={"train_loss": 0.42, "val_dice": 0.71}, patient_epsilon=1.5,
+                  patient_delta=1e-5, site_epsilon=3.0, site_delta=1e-6)
     values.update(kw)
     return Contribution(**values)
 
 
 def model(round_=0, participants=("site-1", "site-2"), job=JOB, **kw) -> GlobalModel:
     values = dict(job_id=job, round=round_, model_sha256=digest(f"model/{job}/{round_}"),
-                  participants=list(participants), aggregation="fedavg", n_samples=80, epsilon=1.5)
+                  participants=list(participants), aggregation="fedavg", n_samples=80, patient_epsilon=1.5)
     values.update(kw)
     return GlobalModel(**values)
 
@@ -99,7 +100,7 @@ def test_site_records_its_own_contribution(consortium):
     assert written.tx_id and written.timestamp.endswith("Z") and written.recorded_by == "Site1MSP"
     [read] = consortium.coordinator.contributions(JOB)
     assert read == written
-    assert read.metrics == {"train_loss": 0.42, "val_dice": 0.71} and read.epsilon == 1.5
+    assert read.metrics == {"train_loss": 0.42, "val_dice": 0.71} and read.patient_epsilon == 1.5 and read.site_epsilon == 3.0
 
 
 def test_site_cannot_write_other_sites_contribution(consortium):
@@ -149,7 +150,8 @@ def test_contribution_fields_are_validated_with_the_field_named(consortium):
         "update_sha256 must be 64 lowercase hex digits": dict(update_sha256="ABC"),
         "round must be an integer of at least 0": dict(round_=-1),
         "n_samples must be an integer": dict(n_samples=2.5),
-        "epsilon must be a finite number >= 0.0": dict(epsilon=-1.0),
+        "patient_epsilon must be a finite number >= 0.0": dict(patient_epsilon=-1.0),
+        "site_delta must be a finite number >= 0.0 and < 1.0": dict(site_delta=1.0),
         "metrics.val_dice must be a finite number": dict(metrics={"val_dice": "0.7"}),
         "site site-9 is not registered": dict(site="site-9"),
         "job_id must be a job ID": dict(job="job with spaces"),

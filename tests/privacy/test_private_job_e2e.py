@@ -76,12 +76,13 @@ def test_contributions_are_masked_and_report_the_dp_spend_within_budget(private_
     with ledger_settings(COORDINATOR, ledger=ledger_path).open(outbox=False) as ledger:
         contributions = sorted(ledger.contributions(job_id), key=lambda c: (c.site, c.round))
     for contribution in contributions:
-        assert 0 < contribution.epsilon <= TARGET_EPSILON
-        assert 0 < contribution.delta < 1
+        assert 0 < contribution.patient_epsilon <= TARGET_EPSILON
+        assert contribution.site_epsilon is None  # no update-level DP in this job: units never merged
+        assert 0 < contribution.patient_delta < 1
     # The spend grows round by round and the job's plan ends within the budget.
     by_site = {}
     for contribution in contributions:
-        by_site.setdefault(contribution.site, []).append(contribution.epsilon)
+        by_site.setdefault(contribution.site, []).append(contribution.patient_epsilon)
     for site, epsilons in by_site.items():
         assert epsilons == sorted(epsilons) and epsilons[0] < epsilons[-1], (site, epsilons)
         assert epsilons[-1] > 0.9 * TARGET_EPSILON, (site, epsilons)

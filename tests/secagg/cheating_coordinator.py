@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -79,11 +78,8 @@ class CheatingCoordinator(SecAggFedAvg):
         if self.cheat not in ("claim_dropout", "keep_late", "swap_key") or (
                 self.cheat == "swap_key" and self.current_round == 0):
             return super().secure_round(model)
-        context = self.context_for(sorted(self.sample_clients(self.num_clients)))
-        self._round = server = secagg.ServerRound(context)
-        for reply in self._stage(secagg.SETUP_TASK, {"context": context.to_meta()}, context.participants,
-                                 self.setup_timeout):
-            server.accept_setup(self._sender(reply), reply.meta[secagg.META_KEY])
+        server = self.set_up_round()
+        context = server.context
         if self.cheat == "swap_key" and context.round >= 1:
             self._swap_target_key(server, context)
         self._masked_sum, self._inputs = None, {}
@@ -113,7 +109,7 @@ class CheatingCoordinator(SecAggFedAvg):
     def _keep_masked_input(self, result: FLModel) -> bool:
         site = self._sender(result)
         layout = secagg.layout_of(result.params)
-        ring = secagg.flatten(result.params, layout, dtype=np.uint32)
+        ring = secagg.ring_of(result.params, layout)
         self._hold(f"masked_input_{site}", ring)
         self._inputs[site] = {"ring": ring, "layout": layout}
         return True
@@ -144,7 +140,7 @@ class CheatingCoordinator(SecAggFedAvg):
             if peer == self.target:
                 continue
             seed = secagg._pair_seed(ephemeral, bytes.fromhex(server.setups[peer]["ephemeral_public"]))
-            pair = secagg._pair_mask(seed, context, self.target, peer, stripped.size)
+            pair = secagg.MaskStream(stripped.size).pair(seed, context, self.target, peer)
             if self.target < peer:
                 stripped -= pair
             else:

@@ -55,8 +55,8 @@ class Consortium:
         simulator applies no site privacy scopes, so the job carries it); returns the workspace."""
         trainers = trainers or {}
         workflow = workflow or SecAggFedAvg(num_clients=len(self.sites), num_rounds=rounds, persistor_id="",
-                                            model={"w": [0.0] * SIZE}, weight_bound=500.0, setup_timeout=60,
-                                            train_timeout=60, unmask_timeout=60)
+                                            model={"w": [0.0] * SIZE}, weight_bound=500.0, setup_timeout=120,
+                                            train_timeout=120, unmask_timeout=120)
         job = FedJob(name=name, min_clients=len(self.sites))
         job.set_app_packages(["clinfed", "fhir_adapter"])  # installed: never copied into app/custom
         job.to_server(workflow)

@@ -14,7 +14,6 @@ from cheating_coordinator import CheatingCoordinator
 from secagg_helpers import Consortium, logs, site_names
 from secagg_parts import ScriptedTrainer, scripted_update, weighted_mean
 
-from clinfed import audit
 from clinfed.ledger import LedgerRejected, LocalLedger
 from clinfed.ledger.pki import create_simulation_identities, simulation_identity_files, simulation_membership
 from clinfed.ledger.settings import COORDINATOR, COORDINATOR_MSP, ledger_settings, msp_id_for

@@ -49,7 +49,7 @@ def _round(context, keys, registry, dropped=(), policy=secagg.SecAggPolicy()):
     for site in context.participants:
         secagg.receive_shares(states[site], share_senders=server.share_senders, ciphertexts=relay[site],
                               long_term=keys[site], registry=registry, policy=policy)
-        inputs[site] = secagg.mask(states[site], secagg.encode(updates[site], weights[site], context).ring)
+        inputs[site] = secagg.mask(states[site], secagg.encode({"w": updates[site]}, [("w", (SIZE,))], weights[site], context).ring)
         if site in survivors:
             total += inputs[site]
     answers = {s: secagg.unmask_answer(states[s], survivors, policy) for s in survivors}
@@ -98,13 +98,18 @@ def test_one_organisation_and_the_coordinators_names_are_refused(keys):
                                  registry=registry, policy=secagg.SecAggPolicy())
 
 
-def test_a_list_may_only_shrink_and_each_site_answers_once(keys, registry):
-    context = _context()
+def _set_up_all(context, keys, registry):
     server = secagg.ServerRound(context)
     states = {}
-    for site in SITES:
+    for site in context.participants:
         states[site], message = secagg.setup(context, site=site, long_term=keys[site], registry=registry)
         server.accept_setup(site, message)
+    return server, states
+
+
+def test_a_list_may_only_shrink_and_each_site_answers_once(keys, registry):
+    context = _context()
+    server, states = _set_up_all(context, keys, registry)
     relay = server.relay()
     policy = secagg.SecAggPolicy()
     with pytest.raises(SecAggRefused, match=r"adds \['site-9'\]"):
@@ -122,11 +127,7 @@ def test_a_list_may_only_shrink_and_each_site_answers_once(keys, registry):
 
 def test_a_relayed_share_not_made_with_the_registered_key_fails_authentication(keys, registry):
     context = _context()
-    server = secagg.ServerRound(context)
-    states = {}
-    for site in SITES:
-        states[site], message = secagg.setup(context, site=site, long_term=keys[site], registry=registry)
-        server.accept_setup(site, message)
+    server, states = _set_up_all(context, keys, registry)
     impostor = X25519PrivateKey.generate()
     forged_registry = secagg.SiteRegistry("CoordinatorMSP", {**registry.sites,
                                                              "site-2": ("Site2MSP", secagg.public_key_bytes(impostor))})

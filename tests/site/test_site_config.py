@@ -29,7 +29,7 @@ def test_simulator_site_keeps_secrets_and_privacy_state_in_its_folder(tmp_path, 
     assert files.masking_key_file.parent == files.data_dir == files.privacy_dir.parent
 
 
-@pytest.mark.parametrize("content, message", [("{not json", "not readable JSON"),
+@pytest.mark.parametrize("content, message", [("{not json", "not valid JSON"),
                                               ('{"secret_file": "x"}', "'data_dir' is missing")])
 def test_bad_site_config_names_the_file_and_the_problem(tmp_path, monkeypatch, content, message):
     monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
@@ -43,3 +43,32 @@ def test_no_config_and_no_data_root_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
     with pytest.raises(ConfigError, match=DATA_ROOT_ENV):
         site_files("site-3", tmp_path)
+
+
+BAD_SITE_CONFIGS = [
+    ('{"data_dir": "/data/a", "data_dir": "/data/b"}', "duplicate key 'data_dir'"),
+    ('{"data_dir": "/data/a",\n "secret_file": }', "clinfed_site.json:2: not valid JSON"),
+    ('["/data/a"]', "must hold a JSON object"),
+    ('{"data_dir": "/data/a", "privacy_dir": NaN}', "NaN is not a JSON number"),
+    ('{"data_dir": "/data/a", "data_dri": "/data/b"}', "field 'data_dri' is unknown"),
+    ('{"data_dir": 7}', "field 'data_dir' must be a path string, got 7"),
+    ('{"data_dir": "/data/a", "secret_file": ""}', "field 'secret_file' must be a path string"),
+]
+
+
+@pytest.mark.parametrize("content, message", BAD_SITE_CONFIGS, ids=[m for _, m in BAD_SITE_CONFIGS])
+def test_site_config_is_read_with_the_safe_loader_and_its_fields_checked(tmp_path, monkeypatch, content, message):
+    monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
+    (tmp_path / "clinfed_site.json").write_text(content)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as err:
+        site_files("site-1", tmp_path)
+    assert str(err.value).startswith(str(tmp_path / "clinfed_site.json"))
+
+
+def test_oversized_site_config_is_refused_unread(tmp_path, monkeypatch):
+    from clinfed.config_files import MAX_BYTES
+
+    monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
+    (tmp_path / "clinfed_site.json").write_text('{"data_dir": "/data/a", "ledger": {"x": "' + "y" * MAX_BYTES + '"}}')
+    with pytest.raises(ConfigError, match=f"larger than {MAX_BYTES} bytes"):
+        site_files("site-1", tmp_path)

@@ -28,20 +28,22 @@ def cmd_provision(args) -> int:
 
 
 def cmd_up(args) -> int:
-    from .trial import up
+    from .trial import up, up_in_namespaces
 
     log = (lambda m: print(m, file=sys.stderr)) if not args.json else (lambda m: None)
-    result = up(args.dir, sites=args.sites, timeout=args.timeout, log=log)
+    result = (up_in_namespaces if args.netns else up)(args.dir, sites=args.sites, timeout=args.timeout, log=log)
     _print(args, result.to_dict(), f"server and {len(result.sites)} site(s) up and connected after "
                                    f"{result.seconds_to_connected:.1f} s: {', '.join(result.sites)}")
     return 0
 
 
 def cmd_down(args) -> int:
-    from .trial import down
+    from .trial import down, remove_namespaces
 
     log = (lambda m: print(m, file=sys.stderr)) if not args.json else (lambda m: None)
     stopped = down(args.dir, names=args.participants, log=log)
+    if not args.participants:
+        remove_namespaces(args.dir, log=log)
     _print(args, {"stopped": stopped}, f"stopped: {', '.join(stopped) or 'nothing was running'}")
     return 0
 
@@ -61,7 +63,7 @@ def add_consortium_commands(subparsers) -> argparse.ArgumentParser:
 
     p = sub.add_parser("provision", help="startup kits, site policies and Fabric org list from a consortium file")
     p.add_argument("consortium_yml", type=Path, metavar="CONSORTIUM_YML")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (must be new)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder: new or empty (a failed provisioning removes what it wrote)")
     p.add_argument("--data-root", type=Path, metavar="DIR",
                    help="trial on one machine: each site's data folder is DIR/<site> (else /data/clinfed/<site>, "
                         "for the site operator to edit in local/clinfed_site.json)")
@@ -73,10 +75,13 @@ def add_consortium_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path, metavar="DIR")
     p.add_argument("--sites", nargs="+", metavar="SITE", help="only these sites (default: all)")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the sites to connect")
+    p.add_argument("--netns", action="store_true",
+                   help="each participant on a host of its own: a Linux network namespace with its own address "
+                        "(needs root; coordinator.host must be an IPv4 address, the server's)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_up)
 
-    p = sub.add_parser("down", help="stop what `consortium up` started")
+    p = sub.add_parser("down", help="stop what `consortium up` started (all: and remove its network namespaces)")
     p.add_argument("dir", type=Path, metavar="DIR")
     p.add_argument("participants", nargs="*", metavar="PARTICIPANT", help="only these (default: all)")
     p.add_argument("--json", action="store_true")

@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from clinfed.ledger.settings import COORDINATOR, msp_id_for
+from clinfed.config_files import load_yaml
 from clinfed.errors import ConfigError
+from clinfed.ledger.settings import COORDINATOR, msp_id_for
 
 # FLARE 2.9 admin roles (nvflare.lighter: project_admin, org_admin, lead, member).
 ROLES = ("project_admin", "org_admin", "lead", "member")
@@ -175,6 +174,14 @@ class _Reader:
             self.fail(where, f"{value!r} is not a valid {what or 'name'}")
         return value
 
+    def optional_text(self, obj: dict, key: str, path: str) -> str:
+        value = obj.get(key, "")
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            self.fail(f"{path}.{key}" if path else key, f"must be a string, got {type(value).__name__}")
+        return value
+
     def number(self, obj: dict, key: str, path: str, default: float, positive: bool = True,
                integer: bool = False) -> float:
         value = obj.get(key, default)
@@ -195,15 +202,9 @@ class _Reader:
 
 
 def load_consortium(path: str | Path) -> Consortium:
-    """Read and validate a consortium file."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the consortium definition ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    return parse_consortium(raw, source=str(path))
+    """Read and validate a consortium file (read by :mod:`clinfed.config_files`: size limit,
+    duplicate keys refused, aliases bounded)."""
+    return parse_consortium(load_yaml(path), source=str(path))
 
 
 def parse_consortium(raw: Any, source: str = "consortium.yml") -> Consortium:
@@ -213,6 +214,7 @@ def parse_consortium(raw: Any, source: str = "consortium.yml") -> Consortium:
         r.fail("<top>", "the file must hold a mapping")
     r.unknown(raw, {"name", "description", "study", "coordinator", "orgs", "sites", "admins", "ledger"}, "")
     name = r.text(raw, "name", "", pattern=_NAME, what="consortium name")
+    r.optional_text(raw, "description", "")
     study = r.text(raw, "study", "")
 
     orgs: list[Org] = []
@@ -220,7 +222,8 @@ def parse_consortium(raw: Any, source: str = "consortium.yml") -> Consortium:
         where = f"orgs[{i}]"
         entry = r.mapping(entry, where)
         r.unknown(entry, {"name", "description"}, where)
-        org = Org(r.text(entry, "name", where, pattern=_flare_pattern("org"), what="FLARE org name (letters, digits, _)"), str(entry.get("description", "")))
+        org = Org(r.text(entry, "name", where, pattern=_flare_pattern("org"), what="FLARE org name (letters, digits, _)"),
+                  r.optional_text(entry, "description", where))
         if any(o.name == org.name for o in orgs):
             r.fail(f"{where}.name", f"duplicate org {org.name!r}")
         orgs.append(org)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from clinfed.config_files import read_json_object
 from clinfed.errors import ConfigError
 from clinfed.ledger.settings import COORDINATOR, COORDINATOR_MSP
 from clinfed.site_config import SITE_CONFIG_FILE
@@ -113,7 +114,8 @@ def provision(consortium_file: str | Path, out: str | Path, *, data_root: str | 
 
     Args:
         consortium_file: the consortium definition.
-        out: the output folder (must not hold an earlier provisioning).
+        out: the output folder: new, or an empty folder. If provisioning fails (or is interrupted)
+            everything it wrote is removed again, so a half-made consortium is never left behind.
         data_root: for a trial on one machine: each site's ``data_dir`` is ``<data_root>/<site>``
             unless the definition gives one.
         port: override the server's port (fed_learn and admin).
@@ -123,10 +125,32 @@ def provision(consortium_file: str | Path, out: str | Path, *, data_root: str | 
     if port is not None:
         consortium = consortium.with_port(int(port))
     out = Path(out).resolve()
-    if (out / STATE_FILE).exists():
-        raise ProvisionError(f"{out} already holds a provisioned consortium ({STATE_FILE}); choose another --out "
-                             f"or remove it")
+    if out.exists() and not out.is_dir():
+        raise ProvisionError(f"{out}: --out is a file; give a new or empty folder")
+    existed = out.is_dir()
+    if existed and any(out.iterdir()):
+        held = "an earlier provisioning" if (out / STATE_FILE).exists() else \
+            f"{sum(1 for _ in out.iterdir())} entries"
+        raise ProvisionError(f"{out}: --out must be a new or empty folder; it holds {held}. "
+                             f"Choose another --out or empty it")
+    created = out  # the topmost folder this run creates
+    while not created.parent.exists():
+        created = created.parent
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _provision(consortium_file, consortium, out, data_root, log, started)
+    except BaseException:
+        # Remove what this run wrote; a folder the caller made stays, empty.
+        for entry in list(out.iterdir()) if existed else [created]:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        raise
+
+
+def _provision(consortium_file: Path, consortium: Consortium, out: Path, data_root, log,
+               started: float) -> ProvisionResult:
     shutil.copyfile(consortium_file, out / "consortium.yml")
     (out / "project.yml").write_text(yaml.safe_dump(project_yml(consortium), sort_keys=False))
 
@@ -135,8 +159,8 @@ def provision(consortium_file: str | Path, out: str | Path, *, data_root: str | 
     proc = subprocess.run([*nvflare_command(), "provision", "-p", str(out / "project.yml"), "-w", str(workspace),
                            "--force"], cwd=out, env=tool_env(), capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
-        raise ProvisionError(f"nvflare provision failed (exit {proc.returncode}): "
-                             f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+        said = [line.strip() for line in (proc.stderr or proc.stdout or "").splitlines() if line.strip()]
+        raise ProvisionError(f"nvflare provision failed (exit {proc.returncode}): {said[-1] if said else 'no output'}")
     prods = sorted((workspace / consortium.name).glob("prod_*"))
     if not prods:
         raise ProvisionError(f"nvflare provision wrote no prod_NN folder under {workspace / consortium.name}")
@@ -254,7 +278,7 @@ def load_state(out: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{Path(out)}: no {STATE_FILE}; provision it first (clinfed consortium provision "
                           f"CONSORTIUM_YML --out {out})")
-    return json.loads(path.read_text())
+    return read_json_object(path)
 
 
 __all__ = ["provision", "project_yml", "ProvisionResult", "ProvisionError", "load_state", "COORDINATOR"]

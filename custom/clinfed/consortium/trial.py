@@ -16,12 +16,14 @@ import re
 import signal
 import subprocess
 import time
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from clinfed.errors import ClinfedError
 
+from . import namespaces
 from .provision import load_state, tool_env
 
 RUN_DIR = "run"
@@ -30,6 +32,10 @@ FAILED_STATUSES = ("FINISHED:ABNORMAL", "FINISHED:EXECUTION_EXCEPTION", "FINISHE
                    "FINISHED:ABORTED", "FAILED_TO_RUN")
 # What a failed job's logs say, most telling first: (kind, regex, one-line explanation).
 FAILURE_PATTERNS = [
+    # FLARE's own one-line report of a component it could not build fails for a component with
+    # built components in its arguments (a workflow's aggregator); our error is still in the traceback.
+    ("job_argument", re.compile(r"clinfed\.errors\.ArgumentError: [^\n]*"),
+     "a component of the job refused an argument from the job's config (fix the job folder and submit again)"),
     ("allow_list", re.compile(r"ComponentNotAuthorized[^\n]*|[^\n]*is not in allow_list[^\n]*"),
      "a component of the job is not on this participant's class allow-list (local/resources.json)"),
     ("privacy_scope", re.compile(r"[^\n]*privacy scope '[^']*' is not allowed[^\n]*"),
@@ -50,6 +56,9 @@ FAILURE_PATTERNS = [
 ]
 
 
+# FLARE's error for a job component it cannot build (an unknown class, an argument its __init__ refuses).
+_JOB_CONFIG_ERROR = re.compile(r"Error processing '(?P<file>[^']+)' in element '(?P<element>.*?)': "
+                               r"path: '(?P<path>[^']*)', exception: '(?P<error>.*)'$", re.MULTILINE)
 # FLARE's log context ("[identity=site-1, run=..., task_id=...] - "): noise in a one-line cause.
 _CONTEXT = re.compile(r"\[identity=[^\]]*\] - ")
 
@@ -87,13 +96,16 @@ def recorded_processes(out: str | Path) -> dict[str, int]:
 
 
 def start_participant(out: Path, kit: Path, name: str, env: dict | None = None) -> subprocess.Popen:
-    """Start one participant's kit (``sub_start.sh --once``) in its own process group."""
+    """Start one participant's kit (``sub_start.sh --once``) in its own process group, on its own
+    host when the trial is placed in network namespaces (:func:`up_in_namespaces`)."""
     log = _run_dir(out) / f"{name}.out"
     log.parent.mkdir(parents=True, exist_ok=True)
     for stale in ("pid.fl", "shutdown.fl", "restart.fl", "daemon_pid.fl"):
         (kit / stale).unlink(missing_ok=True)
+    placement = namespaces.load(_run_dir(out))
+    host = placement.command_prefix(name) if placement is not None else []
     with open(log, "ab") as handle:
-        return subprocess.Popen(["bash", str(kit / "startup" / "sub_start.sh"), "--once"], cwd=kit,
+        return subprocess.Popen([*host, "bash", str(kit / "startup" / "sub_start.sh"), "--once"], cwd=kit,
                                 stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env or tool_env(), start_new_session=True)
 
@@ -188,6 +200,42 @@ def up(out: str | Path, sites: list[str] | None = None, timeout: float = 180.0, 
     return UpResult(running, seconds, sites)
 
 
+def up_in_namespaces(out: str | Path, sites: list[str] | None = None, timeout: float = 180.0,
+                     log=lambda m: None) -> UpResult:
+    """:func:`up`, with the server and every site on a host of its own: a Linux network namespace
+    with its own address (:mod:`clinfed.consortium.namespaces`), the stand-in for hospitals on
+    separate hosts. The namespaces are made on the first call and kept (a site started later goes
+    to its own) until :func:`remove_namespaces`."""
+    out = Path(out).resolve()
+    state = load_state(out)
+    if namespaces.load(_run_dir(out)) is None:
+        running = [n for n, pid in recorded_processes(out).items() if _alive(pid)]
+        if running:
+            raise TrialError(f"{', '.join(running)} already run on this machine's own network; "
+                             f"`clinfed consortium down {out}` first")
+        placement = namespaces.plan(state["server"], state["host"], list(state["sites"]))
+        namespaces.create(placement)
+        namespaces.save(placement, _run_dir(out))
+        log(f"network namespaces on {placement.subnet}.0/24 (bridge {placement.bridge}): "
+            + ", ".join(f"{n} {h['address']}" for n, h in placement.hosts.items()))
+    return up(out, sites=sites, timeout=timeout, log=log)
+
+
+def remove_namespaces(out: str | Path, log=lambda m: None) -> bool:
+    """Remove a trial's network namespaces once none of its participants runs; False if it had none."""
+    out = Path(out).resolve()
+    placement = namespaces.load(_run_dir(out))
+    if placement is None:
+        return False
+    running = [n for n, pid in recorded_processes(out).items() if _alive(pid)]
+    if running:
+        raise TrialError(f"{', '.join(running)} still run in the trial's namespaces; stop them first")
+    namespaces.destroy(placement)
+    namespaces.forget(_run_dir(out))
+    log(f"removed the network namespaces on {placement.subnet}.0/24")
+    return True
+
+
 def _descendants(pid: int) -> list[int]:
     try:
         import psutil
@@ -262,16 +310,56 @@ def _job_meta(storage: Path) -> list[dict]:
             continue
         try:
             meta = json.loads(meta_file.read_bytes())
-        except (OSError, ValueError):
-            continue
+        except (OSError, ValueError) as err:  # listed, not dropped: the store itself is damaged
+            meta = {"job_id": folder.name, "status": f"UNKNOWN (unreadable {meta_file}: {err})"}
         jobs.append(meta)
     return sorted(jobs, key=lambda m: m.get("submit_time", 0))
 
 
+def _job_logs(state: dict, name: str, job_id: str) -> list[tuple[str, str]]:
+    """(where, text) of every log a participant kept of a job. A site keeps its run folder in its
+    kit; the server's run folder lives only while the job runs, then FLARE zips it into the job
+    store (``<server_storage>/jobs-storage/<job id>/workspace``): both are read."""
+    kit = Path(state["kits"][name])
+    found: list[tuple[str, str]] = []
+    job_dir = kit / job_id
+    if job_dir.is_dir():
+        found += [(str(f), f.read_text(errors="replace")) for f in sorted(job_dir.rglob("log*.txt")) if f.is_file()]
+    if name == state["server"]:
+        archive = Path(state["server_storage"]) / "jobs-storage" / job_id / "workspace"
+        if archive.is_file() and zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zipped:
+                found += [(f"{archive}!{member}", zipped.read(member).decode(errors="replace"))
+                          for member in zipped.namelist() if Path(member).name == "log.txt"]
+    parent = kit / "log.txt"
+    if parent.is_file():  # the parent process's log: only the lines about this job
+        found.append((str(parent), "\n".join(line for line in parent.read_text(errors="replace").splitlines()
+                                               if job_id in line)))
+    return found
+
+
+def _job_config_refusal(text: str) -> dict | None:
+    """FLARE's error for a component it could not build from the job's config: which file, which
+    component (config path and class) and the error, as one line."""
+    match = _JOB_CONFIG_ERROR.search(text)
+    if match is None:
+        return None
+    try:
+        component = json.loads(match.group("element")).get("path", "?")
+    except (ValueError, AttributeError):
+        component = "?"
+    line = (f"{Path(match.group('file')).name} {match.group('path')} ({component}): "
+            f"{match.group('error')}")
+    return {"kind": "job_config", "explanation": "the job's configuration was refused when FLARE built its "
+                                                 "components (fix the job folder and submit again)",
+            "evidence": [line]}
+
+
 def failure_causes(state: dict, job_id: str, deploy_detail=None, max_lines: int = 3) -> list[dict]:
     """Why a job failed, read from the participants' logs (the lead cannot read them through FLARE
-    by default): allow-list refusals, privacy scope refusals, filter refusals, tracebacks. One cause
-    per participant: the most telling one found (see ``FAILURE_PATTERNS``)."""
+    by default): job configs FLARE could not build, allow-list refusals, privacy scope refusals,
+    filter refusals, tracebacks. One cause per participant: the most telling one found (see
+    ``FAILURE_PATTERNS``)."""
     causes: list[dict] = []
     details = deploy_detail if isinstance(deploy_detail, list) else ([deploy_detail] if deploy_detail else [])
     for detail in details:
@@ -284,16 +372,14 @@ def failure_causes(state: dict, job_id: str, deploy_detail=None, max_lines: int 
     if causes:  # the deploy detail names each refusing site and why; the logs only repeat it
         return causes
     for name in [state["server"], *state["sites"]]:
-        kit = Path(state["kits"][name])
-        job_dir = kit / job_id
-        logs = sorted(job_dir.rglob("log*.txt")) if job_dir.is_dir() else []
-        texts = [(f, f.read_text(errors="replace")) for f in logs if f.is_file()]
-        parent = kit / "log.txt"
-        if parent.is_file():  # the parent process's log: only the lines about this job
-            texts.append((parent, "\n".join(line for line in parent.read_text(errors="replace").splitlines()
-                                            if job_id in line)))
+        texts = _job_logs(state, name, job_id)
         cause = None
-        for kind, pattern, why in FAILURE_PATTERNS:
+        for log_file, text in texts:
+            cause = _job_config_refusal(text)
+            if cause:
+                cause.update(participant=name, log=log_file)
+                break
+        for kind, pattern, why in [] if cause else FAILURE_PATTERNS:
             for log_file, text in texts:
                 found = list(dict.fromkeys(_CONTEXT.sub("", m.group(0)).strip() for m in pattern.finditer(text)))
                 # Log lines before quoted source lines of a traceback ("raise X(f'...')").
@@ -360,6 +446,9 @@ def status(out: str | Path, query_server: bool = True) -> dict:
         if str(meta.get("status", "")).upper() in FAILED_STATUSES or "ABNORMAL" in str(meta.get("status", "")) \
                 or "EXCEPTION" in str(meta.get("status", "")):
             job["causes"] = failure_causes(state, job_id, meta.get("job_deploy_detail"))
+            if not job["causes"]:
+                job["no_cause_found"] = (f"no error in the logs of {', '.join([state['server'], *state['sites']])} "
+                                         f"for this job (a participant's logs may be elsewhere, or gone)")
         report["jobs"].append(job)
     return report
 
@@ -380,6 +469,8 @@ def status_text(report: dict) -> str:
                      f"{job.get('submitter')} at {job.get('submit_time')}")
         if job.get("deploy_detail") and not job.get("causes"):
             lines.append(f"    deploy: {job['deploy_detail']}")
+        if job.get("no_cause_found"):
+            lines.append(f"    cause: {job['no_cause_found']}")
         for cause in job.get("causes", []):
             lines.append(f"    cause at {cause['participant']}: {cause['explanation']}")
             for evidence in cause["evidence"][:3]:

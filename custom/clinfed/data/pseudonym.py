@@ -39,9 +39,10 @@ class Pseudonymiser:
             raise ConfigError(
                 f"{path}: site pseudonymisation key not found; create one with "
                 f"`python -c \"import secrets; print(secrets.token_hex(32))\" > {path}` and keep it at the site")
-        text = path.read_text().strip()
         try:
-            key = bytes.fromhex(text)
-        except ValueError:
+            key = bytes.fromhex(path.read_text().strip())
+        except ValueError:  # not text at all (UnicodeDecodeError) or not hex
             raise ConfigError(f"{path}: site key must be hex-encoded (64 hex characters)") from None
+        if len(key) < 16:
+            raise ConfigError(f"{path}: site pseudonymisation key is shorter than 16 bytes")
         return cls(key)

@@ -25,6 +25,8 @@ import copy
 import fcntl
 import json
 import math
+
+import numpy as np
 import threading
 from pathlib import Path
 
@@ -42,6 +44,7 @@ from clinfed.privacy import secagg
 from clinfed.privacy.accounting import PrivacyBudget, budget_file, compose_epsilon, default_privacy_dir
 from clinfed.privacy.errors import PrivacyBudgetExceeded, PrivacyError, SecAggRefused
 from clinfed.privacy.policy import DEFAULT_DELTA, site_policy
+from clinfed.privacy.release import release_meta
 from clinfed.privacy.secagg import REFUSAL_HEADER
 from clinfed.privacy.spend import DECLINE_HEADER, UPDATE_DP_DELTA, UPDATE_DP_EPSILON_ROUND, UPDATE_DP_EPSILON_TOTAL
 from clinfed.site_config import site_files
@@ -76,6 +79,7 @@ class SecAggClient(Executor):
         self._registry: secagg.SiteRegistry | None = None
         self._policy: secagg.SecAggPolicy | None = None
         self._update_dp = None
+        self._release = None
         self._not_ready: str | None = None  # why this site cannot take part in this job
         self._rounds: dict[int, secagg.SiteRound] = {}
         self._lock = threading.Lock()
@@ -105,6 +109,7 @@ class SecAggClient(Executor):
         self._long_term = secagg.load_private_key(key_file)
         self._policy = policy.secagg_for(self.study)
         self._update_dp = policy.update_dp.get(self.study)
+        self._release = policy.release
         settings = ledger_settings(site, site_config_dir=local)
         if settings is None:
             raise SecAggRefused("peers' masking keys are read from this site's ledger, and none is configured")
@@ -145,9 +150,15 @@ class SecAggClient(Executor):
             return reply
 
     def _setup(self, message: dict, fl_ctx: FLContext) -> Shareable:
-        context = secagg.RoundContext.from_meta(message.get("context"))
+        return self._reply(self._set_up(message.get("context"), fl_ctx))
+
+    def _set_up(self, context_meta, fl_ctx: FLContext) -> dict:
+        """Check a round's context and make this site's setup message for it."""
+        context = secagg.RoundContext.from_meta(context_meta)
         site = fl_ctx.get_identity_name()
-        secagg.check_context(context, site=site, job_id=str(fl_ctx.get_job_id()), registry=self._registry,
+        from clinfed.ledger.settings import ledger_job_id
+
+        secagg.check_context(context, site=site, job_id=ledger_job_id(fl_ctx.get_job_id()), registry=self._registry,
                              policy=self._policy)
         self._claim(fl_ctx, site, context)
         state, reply = secagg.setup(context, site=site, long_term=self._long_term, registry=self._registry)
@@ -156,7 +167,7 @@ class SecAggClient(Executor):
             self._rounds[context.round] = state
         self.log_info(fl_ctx, f"round {context.round}: secure aggregation with {len(context.participants)} sites, "
                               f"threshold {context.threshold}, {context.encoding.kind} encoding; shares sent")
-        return self._reply(reply)
+        return reply
 
     def _state(self, message: dict) -> secagg.SiteRound:
         context_id = message.get("context_id")
@@ -183,13 +194,16 @@ class SecAggClient(Executor):
         layout = secagg.layout_of(update.data)
         if layout != expected_layout:
             raise SecAggRefused("the trainer's update does not have the global model's parameter names and shapes")
-        weight = update.get_meta_prop("n_samples")
+        # What leaves is what the release policy allows, the weight included (coarsened to its bucket).
+        meta = release_meta({k: copy.deepcopy(v) for k, v in update.meta.items() if k != MetaKey.FILTER_HISTORY},
+                            self._release)
+        weight = meta.get("n_samples")
         if not isinstance(weight, (int, float)) or weight <= 0:
             raise SecAggRefused(f"the trainer's result meta 'n_samples' must be a positive number, got {weight!r}")
-        meta = {k: copy.deepcopy(v) for k, v in update.meta.items() if k != MetaKey.FILTER_HISTORY}
-        meta.update(self._spend_update_dp(state, secagg.flatten(update.data, layout).size, fl_ctx))
+        dimension = sum(int(np.prod(shape, dtype=np.int64)) for _, shape in layout)
+        meta.update(self._spend_update_dp(state, dimension, fl_ctx))
         noise = self._update_dp.requirement.noise if self._update_dp else "distributed"
-        encoded = secagg.encode(secagg.flatten(update.data, layout), float(weight), state.context, noise=noise)
+        encoded = secagg.encode(update.data, layout, float(weight), state.context, noise=noise)
         if encoded.clipped:
             self.log_warning(fl_ctx, f"round {state.context.round}: the update was clipped to the round's range "
                                      f"({state.context.encoding.kind}, {state.context.encoding.clip:g})")
@@ -210,6 +224,11 @@ class SecAggClient(Executor):
         dropped = sorted(answer["key_shares"])
         self.log_info(fl_ctx, f"round {state.context.round}: unmask answered for {len(answer['self_seed_shares'])} "
                               f"survivors" + (f", dropped {dropped}" if dropped else ""))
+        if message.get("next_context") is not None:  # the next round's setup rides on this reply
+            try:
+                answer["next_setup"] = self._set_up(message["next_context"], fl_ctx)
+            except SecAggRefused as err:
+                self.log_error(fl_ctx, f"round {state.context.round + 1} secagg_setup: refused: {err}")
         return self._reply(answer)
 
     @staticmethod

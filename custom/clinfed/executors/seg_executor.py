@@ -10,13 +10,17 @@ the site log as counts and to ``clinfed_cohort.jsonl`` in the site's run folder 
 (one JSON line per task: round, train and validation pseudonyms, exclusions by reason); the
 counts travel with the update and are recorded in the contribution's metrics.
 
-Sample-level differential privacy (``dp_target_epsilon``): local training runs as Opacus DP-SGD
+Patient-level differential privacy (``dp_target_epsilon``): local training runs as Opacus DP-SGD
 (``clinfed.privacy.dp_sgd.SiteDPSGD``: Poisson sampling, per-sample clipping, PRV accountant). The
-budget is the site's for the study, across rounds, jobs and client restarts (kept in the site's
-``privacy_dir``, :mod:`clinfed.site_config`, as ``<study>/<site>.dp_sgd.json``); the noise is planned once per job
-so that all its rounds fit. When the next round would not fit, the site declines the task with
-the reason (header ``clinfed_privacy_declined``) and sends nothing; the round goes on without it
-if enough sites remain. The spend travels in the result's meta and reaches the ledger.
+budget is the site's, from its own privacy policy (:mod:`clinfed.privacy.policy`), for the study
+across rounds, jobs and client restarts (kept in the site's ``privacy_dir`` as
+``<study>/<site>.dp_sgd.json``). The job's ``dp_target_epsilon`` is what this job asks to spend: a
+site whose policy allows less declines every train task with the reason, naming the policy field;
+a smaller ask is spent against the site's budget. The noise is planned once per job so that all
+its rounds fit. When the next round would not fit, the site declines the task with the reason
+(header ``clinfed_privacy_declined``) and sends nothing; the round goes on without it if enough
+sites remain, and the ledger records the absence with the reason. The spend travels in the
+result's meta and reaches the ledger.
 """
 
 from __future__ import annotations
@@ -36,14 +40,16 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
+from clinfed import arguments
 from clinfed.data.ingest import Case, ingest_site
 from clinfed.data.profiles import STUDY_ID
 from clinfed.data.pseudonym import Pseudonymiser
 from clinfed.errors import ConfigError
-from clinfed.filters.contribution_record import COHORT_META, ROUND_META
-from clinfed.privacy.accounting import budget_file, default_privacy_dir
+from clinfed.privacy.accounting import budget_file, default_privacy_dir, stored_delta
 from clinfed.privacy.dp_sgd import SiteDPSGD
-from clinfed.privacy.errors import PrivacyBudgetExceeded
+from clinfed.privacy.errors import PrivacyBudgetExceeded, PrivacyPolicyRefused
+from clinfed.privacy.policy import site_policy
+from clinfed.privacy.release import COHORT_META, ROUND_META, release_meta
 from clinfed.privacy.spend import DECLINE_HEADER
 from clinfed.site_config import SITE_CONFIG_FILE, site_files
 from clinfed.training import (
@@ -81,10 +87,11 @@ class SegExecutor(Executor):
         ledger_consent: gate the cohort on consents recorded on the ledger (the site's ledger
             config is then required). Off, only the consents in the site's own FHIR export count;
             that is for runs without a ledger, never for a consortium.
-        dp_target_epsilon: train with DP-SGD under this budget for the study (patient level: one
-            volume per patient); None trains without DP-SGD.
-        dp_delta: the guarantee's delta; default 1 / (10 n) at the study's first job.
-        dp_max_grad_norm: per-sample gradient clipping bound.
+        dp_target_epsilon: train with DP-SGD, spending at most this much of the site's budget for
+            the study in this job (patient level: one volume per patient); refused by a site whose
+            policy allows less. None trains without DP-SGD.
+        dp_delta: the guarantee's delta, if the job asks for a smaller one than the site's.
+        dp_max_grad_norm: per-sample gradient clipping bound (at most the site's).
         dp_accountant: ``prv`` (default, tighter) or ``rdp``.
     """
 
@@ -94,23 +101,20 @@ class SegExecutor(Executor):
                  dp_target_epsilon: float | None = None, dp_delta: float | None = None,
                  dp_max_grad_norm: float = 1.0, dp_accountant: str = "prv"):
         super().__init__()
-        if local_epochs < 1 or batch_size < 1 or lr <= 0:
-            raise ValueError("local_epochs and batch_size must be >= 1 and lr > 0")
-        if len(roi) != 3 or any(int(s) % 16 for s in roi):
-            raise ValueError(f"roi must be three sizes divisible by 16, got {roi}")
-        self.study = study
+        # Checked here, so a bad job config fails at deploy naming the argument (clinfed.arguments).
         # Kept under their argument names: FLARE's job export reads them back from the instance,
         # and silently leaves out any argument it cannot find there.
-        self.local_epochs, self.batch_size, self.lr = int(local_epochs), int(batch_size), float(lr)
-        self.roi = tuple(int(s) for s in roi)
+        self.study = arguments.text("study", study)
+        self.local_epochs = arguments.positive_int("local_epochs", local_epochs)
+        self.batch_size = arguments.positive_int("batch_size", batch_size)
+        self.lr = arguments.positive_number("lr", lr)
+        self.roi = arguments.roi("roi", roi)
         self.config = TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, roi=self.roi)
-        self.ledger_consent = bool(ledger_consent)
-        if dp_target_epsilon is not None and not dp_target_epsilon > 0:
-            raise ValueError(f"dp_target_epsilon must be > 0 (or None for no DP-SGD), got {dp_target_epsilon}")
-        self.dp_target_epsilon = None if dp_target_epsilon is None else float(dp_target_epsilon)
-        self.dp_delta = None if dp_delta is None else float(dp_delta)
-        self.dp_max_grad_norm = float(dp_max_grad_norm)
-        self.dp_accountant = dp_accountant
+        self.ledger_consent = arguments.flag("ledger_consent", ledger_consent)
+        self.dp_target_epsilon = arguments.optional_positive_number("dp_target_epsilon", dp_target_epsilon)
+        self.dp_delta = None if dp_delta is None else arguments.fraction("dp_delta", dp_delta)
+        self.dp_max_grad_norm = arguments.positive_number("dp_max_grad_norm", dp_max_grad_norm)
+        self.dp_accountant = arguments.choice("dp_accountant", dp_accountant, ("prv", "rdp"))
         self._dp: SiteDPSGD | None = None
         self.device = device_for_training()
         self.model = None
@@ -123,6 +127,7 @@ class SegExecutor(Executor):
         self._cohort_stats: dict = {}
         self._ledger_settings = None
         self._cohort_log: Path | None = None
+        self._policy = None  # the site's privacy policy (clinfed.privacy.policy), read at START_RUN
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
@@ -148,7 +153,9 @@ class SegExecutor(Executor):
                 raise ConfigError(f"site {site}: the consent gate reads consents from the ledger, and none is "
                                   f"configured ('ledger' in local/{SITE_CONFIG_FILE} or $CLINFED_LEDGER)")
             self.log_info(fl_ctx, f"consents are read from the {self._ledger_settings.describe()}")
-        files = site_files(site, fl_ctx.get_engine().get_workspace().get_site_config_dir())
+        local = fl_ctx.get_engine().get_workspace().get_site_config_dir()
+        self._policy = site_policy(site, local)
+        files = site_files(site, local)
         data_dir = files.data_dir
         ingestion = ingest_site(data_dir, self.study, Pseudonymiser.for_site(data_dir, files.secret_file))
         train, val = split_cases(ingestion.cases)
@@ -239,7 +246,7 @@ class SegExecutor(Executor):
             dp = self._dp_for_round(fl_ctx, shareable)  # plans the job's noise: fails when nothing is left
             if dp is not None:
                 dp.check_budget()
-        except PrivacyBudgetExceeded as err:
+        except (PrivacyBudgetExceeded, PrivacyPolicyRefused) as err:
             # Decline: the reason goes to the server, nothing of the model does.
             self.log_error(fl_ctx, f"round {current_round}: declining the train task: {err}")
             reply = make_reply(ReturnCode.EXECUTION_RESULT_ERROR)
@@ -279,7 +286,7 @@ class SegExecutor(Executor):
             self.log_info(fl_ctx, f"round {current_round}: DP-SGD epsilon {meta[DP_SGD_EPSILON_ROUND]:.3g} this round, "
                                   f"{dp.epsilon():.3g} of {dp.target_epsilon:g} spent on study {self.study} "
                                   f"(delta {dp.delta:.3g}, noise multiplier {dp.noise_multiplier:.3g})")
-        return self._update_reply(fl_ctx, current_round, diff, meta)
+        return self._update_reply(fl_ctx, current_round, diff, release_meta(meta, self._policy.release))
 
     @staticmethod
     def _update_reply(fl_ctx: FLContext, round_, diff: dict, meta: dict) -> Shareable:
@@ -301,11 +308,19 @@ class SegExecutor(Executor):
             if not num_rounds:
                 raise ConfigError(f"site {site}: DP-SGD plans its noise over the job's rounds, and the train "
                                   f"task carries no '{AppConstants.NUM_ROUNDS}' header")
+            policy = self._policy.dp_sgd_for(self.study)
+            if self.dp_target_epsilon > policy.epsilon:
+                raise PrivacyPolicyRefused(
+                    f"{policy.field}.epsilon is {policy.epsilon:g} at {site}, and the job asks "
+                    f"dp_target_epsilon={self.dp_target_epsilon:g} ({policy.source})")
+            path = budget_file(default_privacy_dir(fl_ctx), study=self.study, site=site, mechanism="dp_sgd")
+            delta = policy.delta if policy.delta is not None else (
+                stored_delta(path) or policy.delta_for(self.n_train))
             self._dp = SiteDPSGD(
-                budget_file=budget_file(default_privacy_dir(fl_ctx), study=self.study, site=site, mechanism="dp_sgd"),
-                n_samples=self.n_train, batch_size=self.batch_size, num_rounds=int(num_rounds),
-                local_epochs=self.local_epochs, target_epsilon=self.dp_target_epsilon, target_delta=self.dp_delta,
-                max_grad_norm=self.dp_max_grad_norm, accountant=self.dp_accountant,
+                budget_file=path, n_samples=self.n_train, batch_size=self.batch_size, num_rounds=int(num_rounds),
+                local_epochs=self.local_epochs, target_epsilon=policy.epsilon, job_epsilon=self.dp_target_epsilon,
+                target_delta=min(delta, self.dp_delta) if self.dp_delta else delta,
+                max_grad_norm=min(self.dp_max_grad_norm, policy.max_grad_norm), accountant=self.dp_accountant,
                 job_id=str(fl_ctx.get_job_id()), site=site, study=self.study)
         return self._dp
 
@@ -320,4 +335,4 @@ class SegExecutor(Executor):
         load_numpy_state(self.model, trained)  # validating another model must not change ours
         owner = shareable.get_header(AppConstants.MODEL_OWNER, "?")
         self.log_info(fl_ctx, f"validated model of {owner}: {metrics}")
-        return DXO(DataKind.METRICS, data=metrics).to_shareable()
+        return DXO(DataKind.METRICS, data=self._policy.release.metrics(metrics)).to_shareable()

@@ -46,14 +46,13 @@ from nvflare.app_common.app_constant import AppConstants
 from clinfed.errors import ConfigError
 from clinfed.ledger import Contribution, DuplicateRecord
 from clinfed.privacy import secagg
-from clinfed.privacy.spend import reported_spend
+from clinfed.privacy.release import COHORT_META, ROUND_META
+from clinfed.privacy.spend import ledger_fields
 
 FORMAT = "clinfed-dxo-v1"
 HASH_STAGES = ("auto", "after_dp", "after_masking")
 # Result meta this filter reads, written by clinfed.executors.seg_executor.SegExecutor (the DP
 # filter's keys are clinfed.filters.update_dp's).
-COHORT_META = "clinfed_cohort"
-ROUND_META = "clinfed_round"
 _METRIC_NAME = re.compile(r"[a-z][a-z0-9_./]{0,63}")
 MAX_METRICS = 32
 
@@ -116,7 +115,7 @@ def contribution_metrics(meta: dict) -> dict:
 
 class ContributionRecorder(DXOFilter):
     """Result filter on the ``train`` task: writes the site's contribution record (update hash,
-    n_samples, metrics, cumulative epsilon/delta if a DP filter ran) before the update leaves.
+    n_samples, metrics, the cumulative spend per unit of protection) before the update leaves.
 
     The record goes through the site's ledger outbox, journalled durably before the update is
     released, so a ledger outage never loses it; a contract refusal (e.g. the same round recorded
@@ -182,11 +181,10 @@ class ContributionRecorder(DXOFilter):
             raise ValueError(f"site {site}: the result carries no round number (header "
                              f"{AppConstants.CURRENT_ROUND} or meta {ROUND_META!r})")
         n_samples = dxo.get_meta_prop("n_samples", dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND))
-        epsilon, delta = (_metric(v) for v in reported_spend(dxo.meta))
         contribution = Contribution(
             job_id=ledger_job_id(fl_ctx.get_job_id()), round=int(round_), site=site,
             update_sha256=update_sha256(dxo), n_samples=int(n_samples or 0),
-            metrics=contribution_metrics(dxo.meta), epsilon=epsilon, delta=delta, hash_stage=self._stage(dxo))
+            metrics=contribution_metrics(dxo.meta), hash_stage=self._stage(dxo), **ledger_fields(dxo.meta))
         try:
             ledger.record_contribution(contribution)
         except DuplicateRecord:

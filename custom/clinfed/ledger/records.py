@@ -65,8 +65,10 @@ class Contribution(_Record):
     update_sha256: str
     n_samples: int
     metrics: dict = field(default_factory=dict)
-    epsilon: float | None = None
-    delta: float | None = None
+    patient_epsilon: float | None = None  # DP-SGD, cumulative on the study: protects one patient
+    patient_delta: float | None = None
+    site_epsilon: float | None = None     # update-level DP under secure aggregation: protects the site
+    site_delta: float | None = None
     hash_stage: str = "after_dp"
     tx_id: str | None = None
     timestamp: str | None = None
@@ -86,7 +88,8 @@ class GlobalModel(_Record):
     aggregation: str
     expected_sites: list | None = None
     n_samples: int | None = None
-    epsilon: float | None = None
+    patient_epsilon: float | None = None
+    site_epsilon: float | None = None
     metrics: dict = field(default_factory=dict)
     tx_id: str | None = None
     timestamp: str | None = None

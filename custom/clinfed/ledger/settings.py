@@ -52,7 +52,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from clinfed.errors import ConfigError
-from clinfed.site_config import SITE_CONFIG_FILE, read_json_object
+from clinfed.config_files import read_json_object
+from clinfed.site_config import SITE_CONFIG_FILE
 
 from .base import ContractLedger
 from .config import open_ledger

@@ -11,9 +11,14 @@ Wraps the objects the executor already has, as Opacus's ``PrivacyEngine`` does::
     dp.epsilon()                            # spent so far, for the result's meta
 
 The noise multiplier is set once per job so that ``num_rounds x local_epochs`` epochs of Poisson-
-sampled steps end at ``target_epsilon`` (after whatever earlier jobs on the same study spent).
-Spend is reserved before each round and committed after it, in ``budget_file``; a restarted
-client reloads it and goes on from there.
+sampled steps end at the job's limit: what earlier jobs on the study spent plus ``job_epsilon``,
+never past the site's ``target_epsilon``. Spend is reserved before each round and committed after
+it, in ``budget_file``; a restarted client reloads it and goes on from there.
+
+Noise: Opacus's ``secure_mode`` draws every value from torchcsprng, which has no build for this
+torch; each round's noise generator is instead seeded with 63 bits from the operating system's
+CSPRNG (``secrets``), the seeding the DP libraries recommend, and Opacus's warning that secure mode
+is off is left visible in the site log.
 
 Levers that leave a more useful model at the same epsilon (measured in ``benchmarks/dp_utility.py``):
 ``trainable`` (train only part of the model, so the noise spreads over fewer coordinates; pairs
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
+import secrets
 from contextlib import contextmanager
 from typing import Iterator, NamedTuple
 
@@ -180,8 +185,11 @@ class SiteDPSGD:
         batch_size: the loader's batch size; the Poisson sampling rate is 1 / ceil(n / batch_size).
         num_rounds: rounds this job will train for.
         local_epochs: epochs per round.
-        target_epsilon: the site's budget for this study.
-        target_delta: defaults to 1 / (10 n) at the study's first job (then kept in the budget file).
+        target_epsilon: the site's budget for this study (its privacy policy), over all jobs.
+        job_epsilon: what this job may spend on top of earlier jobs (the job's ask, at most the
+            site's budget); default: the rest of the budget.
+        target_delta: defaults to min(1e-5, 1 / (10 n)) at the study's first job (then kept in the
+            budget file).
         max_grad_norm: per-sample gradient clipping bound.
         accountant: ``prv`` (tighter, slower) or ``rdp``.
         grad_sample_mode: Opacus per-sample gradient engine: ``ew`` (ExpandedWeights; default:
@@ -197,7 +205,8 @@ class SiteDPSGD:
     """
 
     def __init__(self, *, budget_file: str | os.PathLike, n_samples: int, batch_size: int, num_rounds: int,
-                 local_epochs: int, target_epsilon: float, target_delta: float | None = None,
+                 local_epochs: int, target_epsilon: float, job_epsilon: float | None = None,
+                 target_delta: float | None = None,
                  max_grad_norm: float = 1.0, accountant: str = "prv", grad_sample_mode: str = "ew",
                  trainable: str = "all", augmentation_multiplicity: int = 1, clipping: str = "flat",
                  job_id: str = "job", site: str = "", study: str = ""):
@@ -226,10 +235,13 @@ class SiteDPSGD:
         self.augmentation_multiplicity = int(augmentation_multiplicity)
         self.clipping = clipping
         self.job_id = str(job_id)
-        # Delta is fixed for a study's budget file: the default 1/(10 n) is taken at the first
-        # job, and a later cohort size does not change it.
+        # Delta is fixed for a study's budget file: the default is taken at the first job, and a
+        # later cohort size does not change it.
         self.delta = float(target_delta) if target_delta else (
-            stored_delta(budget_file) or 1.0 / (10 * self.n_samples))
+            stored_delta(budget_file) or min(1e-5, 1.0 / (10 * self.n_samples)))
+        if job_epsilon is not None and not 0 < job_epsilon <= target_epsilon:
+            raise ValueError(f"job_epsilon must be in (0, target_epsilon={target_epsilon}], got {job_epsilon}")
+        self.job_epsilon = job_epsilon
         # Opacus takes the sampling rate from the loader's length: 1 / number of batches.
         self.batches_per_epoch = math.ceil(self.n_samples / self.batch_size)
         self.sample_rate = 1.0 / self.batches_per_epoch
@@ -248,14 +260,18 @@ class SiteDPSGD:
         if (plan and math.isclose(plan["sample_rate"], self.sample_rate)
                 and plan["steps_per_round"] == self.steps_per_round):
             return float(plan["noise_multiplier"])
-        # First start of this job, or the cohort changed: fit the rounds still to come into what is left.
+        # First start of this job, or the cohort changed: fit the rounds still to come into what is
+        # left of the job's limit (fixed at the job's first plan: earlier jobs' spend + its ask).
+        limit = plan["epsilon_limit"] if plan else min(
+            self.target_epsilon, self.budget.epsilon() + (self.job_epsilon or self.target_epsilon))
         rounds_left = max(self.num_rounds - len(self.budget.rounds_of(self.job_id)), 1)
-        sigma = noise_multiplier_for(target_epsilon=self.target_epsilon, delta=self.delta,
+        sigma = noise_multiplier_for(target_epsilon=limit, delta=self.delta,
                                      sample_rate=self.sample_rate, steps=rounds_left * self.steps_per_round,
                                      accountant=self.accountant, history=self.budget.history)
         self.budget.set_plan(self.job_id, {"noise_multiplier": sigma, "sample_rate": self.sample_rate,
                                            "steps_per_round": self.steps_per_round, "num_rounds": self.num_rounds,
-                                           "max_grad_norm": self.max_grad_norm, "n_samples": self.n_samples})
+                                           "max_grad_norm": self.max_grad_norm, "n_samples": self.n_samples,
+                                           "epsilon_limit": limit})
         return sigma
 
     def _round_events(self, steps: int | None) -> list:
@@ -300,14 +316,13 @@ class SiteDPSGD:
         n_tensors = sum(p.requires_grad for p in model.parameters())
         max_grad_norm = ([self.max_grad_norm / math.sqrt(n_tensors)] * n_tensors if self.clipping == "per_layer"
                          else self.max_grad_norm)
+        noise = torch.Generator(device=next(model.parameters()).device)
+        noise.manual_seed(secrets.randbits(63))
         try:
-            with warnings.catch_warnings():
-                # Opacus warns about secure RNG on every call; the noise source is a site decision.
-                warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-                hooked, dp_optimizer, dp_loader = engine.make_private(
-                    module=model, optimizer=optimizer, data_loader=data_loader,
-                    noise_multiplier=self.noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=True,
-                    clipping=self.clipping, grad_sample_mode=self.grad_sample_mode, wrap_model=wrap)
+            hooked, dp_optimizer, dp_loader = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=data_loader, noise_multiplier=self.noise_multiplier,
+                max_grad_norm=max_grad_norm, poisson_sampling=True, clipping=self.clipping,
+                grad_sample_mode=self.grad_sample_mode, wrap_model=wrap, noise_generator=noise)
         except Exception:
             for parameter in frozen:
                 parameter.requires_grad_(True)

@@ -19,6 +19,10 @@ class PrivacyBudgetExceeded(PrivacyError):
         super().__init__(message)
 
 
+class PrivacyPolicyRefused(PrivacyError):
+    """A job asks for more than the site's own privacy policy allows (the message names the field)."""
+
+
 class PrivacyStateError(PrivacyError):
     """A persisted privacy-budget file is unreadable or disagrees with the configuration."""
 

@@ -17,6 +17,9 @@ registered long-term keys.
 
 One round, three stages (the site refuses, naming the reason, whenever a check fails)
 ---------------------------------------------------------------------------------------
+(The workflow carries round r + 1's setup request on round r's unmask request, so a round costs
+FLARE two tasks once the first is set up; the stages and their checks are the same.)
+
 ``RoundContext`` = job, round, participant list U1, threshold t, encoding (below); its hash
 ``context_id`` binds every message and every mask to it.
 
@@ -406,26 +409,33 @@ def _seed_commitment(context: RoundContext, site: str, seed: bytes) -> str:
 
 # -- masks ------------------------------------------------------------------------------------
 
-def expand_mask(seed: bytes, size: int, *info) -> np.ndarray:
-    """``size`` uniform uint32 values: the AES-256-CTR keystream of a key derived from ``seed``
-    and ``info`` (each derived key drives exactly one stream, so the zero IV is never reused)."""
-    key = _hkdf(seed, "mask", *info)
-    buffer = bytearray(4 * size + 15)  # update_into wants room for a block's slack
-    Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update_into(bytes(4 * size), buffer)
-    return np.frombuffer(buffer, dtype="<u4", count=size)
+class MaskStream:
+    """Expands seeds into masks: ``size`` uniform uint32 values, the AES-256-CTR keystream of a key
+    derived from a seed and its context (each derived key drives exactly one stream, so the zero IV
+    is never reused). The buffers are reused across the masks of one site's or one round's work:
+    at millions of parameters, fresh 20 MB allocations cost more than the cipher."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._zeros = bytes(4 * size)
+        self._out = bytearray(4 * size + 15)  # update_into wants room for a block's slack
+
+    def expand(self, seed: bytes, *info) -> np.ndarray:
+        """The mask (a view of this stream's buffer, valid until the next ``expand``)."""
+        key = _hkdf(seed, "mask", *info)
+        Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update_into(self._zeros, self._out)
+        return np.frombuffer(self._out, dtype="<u4", count=self.size)
+
+    def pair(self, seed: bytes, context: "RoundContext", a: str, b: str) -> np.ndarray:
+        low, high = sorted((a, b))
+        return self.expand(seed, "pair", context.context_id, low, high)
+
+    def self_mask(self, seed: bytes, context: "RoundContext", site: str) -> np.ndarray:
+        return self.expand(seed, "self", context.context_id, site)
 
 
 def _pair_seed(own_ephemeral: X25519PrivateKey, peer_ephemeral: bytes) -> bytes:
     return own_ephemeral.exchange(X25519PublicKey.from_public_bytes(peer_ephemeral))
-
-
-def _pair_mask(seed: bytes, context: RoundContext, a: str, b: str, size: int) -> np.ndarray:
-    low, high = sorted((a, b))
-    return expand_mask(seed, size, "pair", context.context_id, low, high)
-
-
-def _self_mask(seed: bytes, context: RoundContext, site: str, size: int) -> np.ndarray:
-    return expand_mask(seed, size, "self", context.context_id, site)
 
 
 def layout_of(update: Mapping[str, np.ndarray]) -> list[tuple[str, tuple[int, ...]]]:
@@ -437,10 +447,11 @@ def layout_digest(layout) -> str:
     return hashlib.sha256(_canonical([[n, list(s)] for n, s in layout])).hexdigest()
 
 
-def flatten(update: Mapping[str, np.ndarray], layout, dtype=np.float64) -> np.ndarray:
+def ring_of(masked: Mapping[str, np.ndarray], layout) -> np.ndarray:
+    """A masked input's arrays as one ring vector, in ``layout`` order."""
     if not layout:
-        return np.zeros(0, dtype=dtype)
-    return np.concatenate([np.asarray(update[name], dtype=dtype).ravel() for name, _ in layout])
+        return np.zeros(0, dtype=np.uint32)
+    return np.concatenate([np.asarray(masked[name], dtype=np.uint32).ravel() for name, _ in layout])
 
 
 def unflatten(flat: np.ndarray, layout) -> dict[str, np.ndarray]:
@@ -463,47 +474,64 @@ def noise_rng() -> np.random.Generator:
 @dataclass(frozen=True)
 class EncodedUpdate:
     ring: np.ndarray          # uint32
-    clipped: int              # coordinates clipped (exact) or 1 if the norm was clipped (dp); site log only
+    clipped: int              # 1 if any coordinate (exact) or the norm (dp) was clipped; site log only
     noise_variance: float     # per coordinate, in ring units (0 for exact)
 
 
-def encode(flat: np.ndarray, weight: float, context: RoundContext, noise: str = "distributed",
-           rng: np.random.Generator | None = None) -> EncodedUpdate:
-    """The update as ring elements under the round's encoding (see the module docstring)."""
+def encode(update: Mapping[str, np.ndarray], layout, weight: float, context: RoundContext,
+           noise: str = "distributed", rng: np.random.Generator | None = None) -> EncodedUpdate:
+    """The update as ring elements, in ``layout`` order, under the round's encoding (see the module
+    docstring). Works parameter by parameter into one ring buffer: at millions of parameters a
+    flat float64 copy of the whole update costs more than the encoding."""
     encoding, scale = context.encoding, context.scale
-    if not np.all(np.isfinite(flat)):
-        raise SecAggRefused("the update has NaN or infinite values; refusing to encode it")
     if not 0 < weight <= encoding.total_weight:
         raise SecAggRefused(f"weight {weight} must be > 0 and <= the round's total_weight {encoding.total_weight}")
-    values = np.array(flat, dtype=np.float64)
-    if encoding.kind == "exact":
-        clipped = int(np.count_nonzero(np.abs(values) > encoding.clip))
-        np.clip(values, -encoding.clip, encoding.clip, out=values)
-        values *= float(weight) * scale
-        np.rint(values, out=values)
-        return EncodedUpdate(values.astype(np.int64).astype(np.uint32), clipped, 0.0)
     if noise not in NOISE_MODES:
         raise SecAggRefused(f"noise must be one of {NOISE_MODES}, got {noise!r}")
-    norm = float(np.linalg.norm(values))
-    factor = min(1.0, encoding.clip / norm) if norm > 0 else 1.0
-    values *= factor * float(weight) / encoding.total_weight * scale
-    np.rint(values, out=values)
-    divisor = context.threshold if noise == "distributed" else 1
-    variance = (encoding.noise_multiplier * scale * encoding.clip) ** 2 / divisor
-    rng = rng or noise_rng()
-    # Skellam(variance): the difference of two Poisson(variance / 2) draws.
-    skellam = rng.poisson(variance / 2, values.size) - rng.poisson(variance / 2, values.size)
-    ring = (values.astype(np.int64) + skellam).astype(np.uint32)
-    return EncodedUpdate(ring, int(factor < 1.0), variance)
+    arrays = [np.asarray(update[name]).ravel() for name, _ in layout]
+    extremes = [(float(a.min()), float(a.max())) for a in arrays if a.size]
+    if not all(math.isfinite(low) and math.isfinite(high) for low, high in extremes):
+        raise SecAggRefused("the update has NaN or infinite values; refusing to encode it")
+    if encoding.kind == "exact":
+        clipped = int(any(max(-low, high) > encoding.clip for low, high in extremes))
+        factor, variance = float(weight) * scale, 0.0
+    else:
+        norm = math.sqrt(sum(float(np.dot(a, a)) for a in (x.astype(np.float64) for x in arrays)))
+        clipped = int(norm > encoding.clip)
+        factor = (min(1.0, encoding.clip / norm) if norm > 0 else 1.0) * float(weight) / encoding.total_weight * scale
+        divisor = context.threshold if noise == "distributed" else 1
+        variance = (encoding.noise_multiplier * scale * encoding.clip) ** 2 / divisor
+        rng = rng or noise_rng()
+    ring = np.empty(sum(a.size for a in arrays), dtype=np.uint32)
+    offset = 0
+    for array in arrays:
+        values = array.astype(np.float64)  # a private copy, worked on in place
+        if encoding.kind == "exact":
+            np.clip(values, -encoding.clip, encoding.clip, out=values)
+        values *= factor
+        np.rint(values, out=values)
+        if encoding.kind == "exact":
+            # |values| <= 2^31 - 1 - N by the choice of scale: int32 holds them, its bits are the ring's.
+            encoded = values.astype(np.int32).view(np.uint32)
+        else:
+            # Skellam(variance): the difference of two Poisson(variance / 2) draws; wraps into the ring.
+            noise_draw = rng.poisson(variance / 2, values.size) - rng.poisson(variance / 2, values.size)
+            encoded = (values.astype(np.int64) + noise_draw).astype(np.uint32)
+        ring[offset:offset + values.size] = encoded
+        offset += values.size
+    return EncodedUpdate(ring, clipped, variance)
 
 
 def decode_sum(total: np.ndarray, weight_sum: float, context: RoundContext) -> np.ndarray:
-    """The weighted mean from the ring sum of the survivors' encoded updates (signed read-back)."""
-    signed = np.asarray(total, dtype=np.uint32).view(np.int32).astype(np.float64)
+    """The weighted mean (float32, the model's precision) from the ring sum of the survivors'
+    encoded updates (signed read-back)."""
     encoding = context.encoding
-    if encoding.kind == "exact":
-        return signed / (context.scale * float(weight_sum))
-    return signed / context.scale * (encoding.total_weight / float(weight_sum))
+    factor = 1.0 / (context.scale * float(weight_sum))
+    if encoding.kind == "dp":
+        factor *= encoding.total_weight
+    mean = np.asarray(total, dtype=np.uint32).view(np.int32).astype(np.float32)
+    mean *= np.float32(factor)
+    return mean
 
 
 def skellam_noise_multiplier(context: RoundContext, dimension: int) -> float:
@@ -543,7 +571,7 @@ def setup(context: RoundContext, *, site: str, long_term: X25519PrivateKey, regi
           ) -> tuple[SiteRound, dict]:
     """Stage 1 at a site (after :func:`check_context`): fresh secrets, shares encrypted to peers."""
     if public_key_bytes(long_term) != registry.public_key(site):
-        raise SecAggRefused(f"this site's private masking key does not match its key registered on the ledger")
+        raise SecAggRefused("this site's private masking key does not match its key registered on the ledger")
     ephemeral = X25519PrivateKey.generate()
     self_seed = secrets.token_bytes(_KEY_BYTES)
     ephemeral_raw = ephemeral.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
@@ -598,19 +626,19 @@ def receive_shares(state: SiteRound, *, share_senders, ciphertexts: Mapping[str,
 
 
 def mask(state: SiteRound, ring: np.ndarray) -> np.ndarray:
-    """Stage 2 at a site: the encoded update plus the self-mask and the pairwise masks with U2."""
+    """Stage 2 at a site: the encoded update (uint32, masked in place) plus the self-mask and the
+    pairwise masks with U2."""
     if not state.share_senders:
         raise SecAggRefused("no shares were received for this round; cannot mask")
     if state.masked:
         raise SecAggRefused(f"already masked an input for round {state.context.round}; this site masks once per round")
-    masked = np.array(ring, dtype=np.uint32)
-    size = masked.size
-    masked += _self_mask(state.self_seed, state.context, state.site, size)  # uint32 wraps: Z_2^32
+    masked = ring
+    stream = MaskStream(masked.size)
+    masked += stream.self_mask(state.self_seed, state.context, state.site)  # uint32 wraps: Z_2^32
     for peer in state.share_senders:
         if peer == state.site:
             continue
-        pair = _pair_mask(_pair_seed(state.ephemeral, state.peer_ephemeral[peer]), state.context, state.site, peer,
-                          size)
+        pair = stream.pair(_pair_seed(state.ephemeral, state.peer_ephemeral[peer]), state.context, state.site, peer)
         if state.site < peer:
             masked += pair
         else:
@@ -681,7 +709,7 @@ class ServerRound:
             raise SecAggRefused(f"round {context.round}: {len(usable)} unmask answers, fewer than the threshold "
                                 f"{context.threshold}; the sum stays masked and nothing is published")
         total = np.array(masked_sum, dtype=np.uint32)
-        size = total.size
+        stream = MaskStream(total.size)
         for name in survivors:
             shares = {int(a["index"]): bytes.fromhex(a["self_seed_shares"][name]) for a in usable.values()
                       if name in a.get("self_seed_shares", {})}
@@ -689,7 +717,7 @@ class ServerRound:
             if _seed_commitment(context, name, seed) != self.setups[name]["self_seed_commitment"]:
                 raise SecAggRefused(f"round {context.round}: the shares of {name}'s self-mask seed do not match its "
                                     f"commitment (a site sent a wrong share)")
-            total -= _self_mask(seed, context, name, size)
+            total -= stream.self_mask(seed, context, name)
         for name in dropped:
             shares = {int(a["index"]): bytes.fromhex(a["key_shares"][name]) for a in usable.values()
                       if name in a.get("key_shares", {})}
@@ -698,8 +726,8 @@ class ServerRound:
                 raise SecAggRefused(f"round {context.round}: the shares of {name}'s ephemeral key do not match its "
                                     f"public key (a site sent a wrong share)")
             for survivor in survivors:
-                pair = _pair_mask(_pair_seed(ephemeral, bytes.fromhex(self.setups[survivor]["ephemeral_public"])),
-                                  context, name, survivor, size)
+                pair = stream.pair(_pair_seed(ephemeral, bytes.fromhex(self.setups[survivor]["ephemeral_public"])),
+                                   context, name, survivor)
                 # The survivor added +mask if it sorts before the dropped site, -mask otherwise.
                 if survivor < name:
                     total -= pair
@@ -725,4 +753,4 @@ def masked_meta(state: SiteRound, *, weight: float, layout) -> dict:
 __all__ = ["PROTOCOL", "META_KEY", "SETUP_TASK", "UNMASK_TASK", "RoundContext", "Encoding", "SecAggPolicy",
            "UpdateDPRequirement", "SiteRegistry", "SiteRound", "ServerRound", "check_context", "setup",
            "receive_shares", "mask", "unmask_answer", "encode", "decode_sum", "generate_private_key_file",
-           "load_private_key", "public_key_bytes", "hmac"]
+           "load_private_key", "public_key_bytes"]

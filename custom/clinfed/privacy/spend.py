@@ -30,11 +30,8 @@ def spend_by_unit(meta: dict) -> dict[str, tuple[float, float]]:
     return spend
 
 
-def reported_spend(meta: dict) -> tuple[float | None, float | None]:
-    """The study's (epsilon, delta) spent so far that a result reports, for a ledger record that has
-    one field: when both mechanisms ran, their sum (basic composition, an upper bound across the
-    two units). (None, None) when no DP mechanism ran."""
-    spends = list(spend_by_unit(meta).values())
-    if not spends:
-        return None, None
-    return sum(e for e, _ in spends), sum(d for _, d in spends)
+def ledger_fields(meta: dict) -> dict:
+    """The contribution record's spend fields (``patient_epsilon``, ``site_delta``, ...) from a
+    result's meta."""
+    return {f"{unit}_{name}": value for unit, spend in spend_by_unit(meta).items()
+            for name, value in zip(("epsilon", "delta"), spend)}

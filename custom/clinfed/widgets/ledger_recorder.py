@@ -35,8 +35,9 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
 from clinfed.filters.contribution_record import update_sha256
+from clinfed.filters.release_guard import GUARD_HEADER
 from clinfed.privacy.secagg import REFUSAL_HEADER
-from clinfed.privacy.spend import DECLINE_HEADER, reported_spend
+from clinfed.privacy.spend import DECLINE_HEADER, spend_by_unit
 from clinfed.ledger import Absence, DuplicateRecord, GlobalModel, LedgerError, sha256_file
 
 _REASON_CHARS = re.compile(r"[^A-Za-z0-9 _.,:;()/-]+")
@@ -149,7 +150,7 @@ class LedgerRecorder(Widget):
             try:
                 dxo = from_shareable(result)
                 info["received_sha256"] = update_sha256(dxo)
-                info["epsilon"] = reported_spend(dxo.meta)[0]
+                info["spend"] = {unit: epsilon for unit, (epsilon, _) in spend_by_unit(dxo.meta).items()}
             except (ValueError, TypeError) as err:
                 self.log_warning(fl_ctx, f"round {round_}: cannot hash the update of {site}: {err}")
             self.log_info(fl_ctx, f"round {round_}: update of {site} received, sha256 "
@@ -164,6 +165,8 @@ class LedgerRecorder(Widget):
                     reason = "site declined: privacy budget spent"
                 elif result.get_header(REFUSAL_HEADER):
                     reason = f"site refused secure aggregation: {result.get_header(REFUSAL_HEADER)}"
+                elif result.get_header(GUARD_HEADER):
+                    reason = f"strict privacy scope released nothing: {result.get_header(GUARD_HEADER)}"
                 elif rc and rc != ReturnCode.OK:
                     reason = f"site returned {rc}"
             with self._lock:  # the reason seen with the reply itself (``_submission``) stays
@@ -179,6 +182,8 @@ class LedgerRecorder(Widget):
             reason = f"site declined: {result.get_header(DECLINE_HEADER)}"
         elif result.get_header(REFUSAL_HEADER):
             reason = f"site refused secure aggregation: {result.get_header(REFUSAL_HEADER)}"
+        elif result.get_header(GUARD_HEADER):
+            reason = f"strict privacy scope released nothing: {result.get_header(GUARD_HEADER)}"
         else:
             reason = f"site returned {result.get_return_code()}"
         with self._lock:
@@ -195,11 +200,13 @@ class LedgerRecorder(Widget):
         used = meta.get("site_samples")
         participants = sorted(s for s in accepted if used is None or s in used)
         n_samples = int(sum(float(v) for s, v in used.items() if s in participants)) if isinstance(used, dict) else None
-        epsilons = [accepted[s].get("epsilon") for s in participants if accepted[s].get("epsilon") is not None]
+        spends = [accepted[s].get("spend") or {} for s in participants]
+        largest = {unit: max((s[unit] for s in spends if unit in s), default=None) for unit in ("patient", "site")}
         with self._lock:
             self._pending = {"round": round_, "participants": participants,
                              "aggregation": str(meta.get("aggregation") or self.aggregation),
-                             "n_samples": n_samples, "epsilon": max(epsilons) if epsilons else None,
+                             "n_samples": n_samples, "patient_epsilon": largest["patient"],
+                             "site_epsilon": largest["site"],
                              "unused": sorted(set(accepted) - set(participants))}
 
     def _model_file(self, fl_ctx: FLContext) -> Path | None:
@@ -237,7 +244,8 @@ class LedgerRecorder(Widget):
             return
         model = GlobalModel(job_id=self._job_id, round=round_, model_sha256=sha256_file(model_file),
                             participants=participants, aggregation=pending["aggregation"], expected_sites=expected,
-                            n_samples=pending["n_samples"], epsilon=pending["epsilon"])
+                            n_samples=pending["n_samples"], patient_epsilon=pending["patient_epsilon"],
+                            site_epsilon=pending["site_epsilon"])
         self._write(self._ledger.record_global_model, model, fl_ctx)
         for site in expected:
             if site in participants:

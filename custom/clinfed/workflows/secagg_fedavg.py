@@ -2,12 +2,15 @@
 (:mod:`clinfed.privacy.secagg` documents the protocol; the sites run
 :class:`clinfed.executors.secagg_client.SecAggClient`).
 
-Per round, three FLARE tasks: ``secagg_setup`` to the sampled sites (U1), ``train`` with the
-global model and the relayed encrypted shares to the sites whose setup arrived (U2), and
-``secagg_unmask`` to the sites whose masked input arrived (U3). The masked inputs are summed in
-Z_2^32 as they arrive; the sum opens only with t unmask answers. A site that drops at any stage
-is simply left out of the next one: nobody retrains, nobody uploads twice. With fewer than t sites
-at a stage the round is abandoned, nothing is published, and the job stops with the reason.
+Per round, two FLARE tasks: ``train`` with the global model and the relayed encrypted shares to
+the sites whose setup arrived (U2), and ``secagg_unmask`` to the sites whose masked input arrived
+(U3), which also carries the next round's context: each site answers the unmask request and sets
+up the next round in one reply. The first round, and any site of a round that brought no setup
+with its last unmask answer (it had dropped), get a ``secagg_setup`` task first. The masked
+inputs are summed in Z_2^32 as they arrive; the sum opens only with t unmask answers. A site
+that drops at any stage is simply left out of the next one: nobody retrains, nobody uploads
+twice. With fewer than t sites at a stage the round is abandoned, nothing is published, and the
+job stops with the reason.
 
 Built on FLARE's public controller API (``ModelController``: ``send_model_and_wait``,
 ``send_model``, ``update_model``, ``save_model``) and fires the round events the widgets listen
@@ -28,6 +31,7 @@ from nvflare.fuel.utils import fobs
 from nvflare.fuel.utils.log_utils import center_message
 
 from clinfed.aggregators.fedavg import weighted_site_metrics
+from clinfed.ledger.settings import ledger_job_id
 from clinfed.privacy import secagg
 from clinfed.privacy.errors import SecAggRefused
 
@@ -64,7 +68,7 @@ class SecAggFedAvg(BaseFedAvg):
                  model: dict | None = None, threshold: int | None = None, encoding: str = "exact",
                  clip: float = 0.5, weight_bound: float = 1e4, noise_multiplier: float = 0.0,
                  setup_timeout: int = 120, train_timeout: int = 0, unmask_timeout: int = 120,
-                 task_check_period: float = 0.1):
+                 task_check_period: float = 0.05):
         super().__init__(num_clients=num_clients, num_rounds=num_rounds, persistor_id=persistor_id,
                          ignore_result_error=True, task_check_period=task_check_period)
         if not isinstance(num_rounds, int) or num_rounds < 1:
@@ -92,6 +96,7 @@ class SecAggFedAvg(BaseFedAvg):
         self.noise_multiplier = float(noise_multiplier)
         self.setup_timeout, self.train_timeout, self.unmask_timeout = setup_timeout, train_timeout, unmask_timeout
         self._round: secagg.ServerRound | None = None
+        self._next: secagg.ServerRound | None = None  # the next round, set up with this round's unmask
         self._masked_sum: np.ndarray | None = None
         self._inputs: dict[str, dict] = {}
         self._known_weights: dict[str, float] = {}
@@ -135,25 +140,42 @@ class SecAggFedAvg(BaseFedAvg):
         else:
             fobs.dumpf(model, os.path.join(self.get_run_dir(), "FL_global_model.pt"))
 
-    def context_for(self, participants: list[str]) -> secagg.RoundContext:
+    def context_for(self, participants: list[str], round_: int | None = None) -> secagg.RoundContext:
         n = len(participants)
         threshold = self.threshold if self.threshold is not None else n // 2 + 1
         known = [self._known_weights.get(p) for p in participants]
         bound = self.weight_bound if None in known else min(self.weight_bound, WEIGHT_HEADROOM * sum(known))
         encoding = secagg.Encoding(self.encoding, self.clip, bound, self.noise_multiplier)
-        return secagg.RoundContext(str(self.fl_ctx.get_job_id()), int(self.current_round), tuple(participants),
+        round_ = self.current_round if round_ is None else round_
+        # The job's ID as its records carry it (simulator runs all share FLARE's "simulate_job").
+        return secagg.RoundContext(ledger_job_id(self.fl_ctx.get_job_id()), int(round_), tuple(participants),
                                    min(threshold, n), encoding)
 
+    def _accept_setup(self, server: secagg.ServerRound, sender: str, message) -> None:
+        try:
+            server.accept_setup(sender, message or {})
+        except SecAggRefused as err:
+            self.warning(f"round {server.context.round}: {err}")
+
+    def set_up_round(self) -> secagg.ServerRound:
+        """This round, its setup complete: set up with the last round's unmask, plus a setup task
+        for any listed site that brought none."""
+        if self._next is not None and self._next.context.round == self.current_round:
+            server, self._next = self._next, None
+        else:
+            server = secagg.ServerRound(self.context_for(sorted(self.sample_clients(self.num_clients))))
+        context = server.context
+        missing = [p for p in context.participants if p not in server.setups]
+        if missing:
+            for reply in self._stage(secagg.SETUP_TASK, {"context": context.to_meta()}, missing, self.setup_timeout):
+                self._accept_setup(server, self._sender(reply), reply.meta.get(secagg.META_KEY))
+        self._round = server
+        return server
+
     def secure_round(self, model: FLModel) -> FLModel | None:
-        """One round's three stages; the aggregate (a weight difference), or None when aborted."""
-        context = self.context_for(sorted(self.sample_clients(self.num_clients)))
-        self._round = server = secagg.ServerRound(context)
-        stage_meta = {"context": context.to_meta()}
-        for reply in self._stage(secagg.SETUP_TASK, stage_meta, context.participants, self.setup_timeout):
-            try:
-                server.accept_setup(self._sender(reply), reply.meta.get(secagg.META_KEY) or {})
-            except SecAggRefused as err:
-                self.warning(f"round {context.round}: {err}")
+        """One round; the aggregate (a weight difference), or None when aborted."""
+        server = self.set_up_round()
+        context = server.context
         share_senders = server.share_senders
         self._require(share_senders, "completed setup", context)
 
@@ -175,9 +197,17 @@ class SecAggFedAvg(BaseFedAvg):
             raise SecAggRefused(f"the survivors' weights add up to {weight_sum}, over the weight bound "
                                 f"{context.encoding.total_weight} the ring was sized for")
 
-        answers = {self._sender(reply): reply.meta.get(secagg.META_KEY) or {} for reply in self._stage(
-            secagg.UNMASK_TASK, {"context_id": context.context_id, "survivors": survivors}, survivors,
-            self.unmask_timeout)}
+        unmask = {"context_id": context.context_id, "survivors": survivors}
+        if self.current_round + 1 < self.start_round + self.num_rounds:
+            self._next = secagg.ServerRound(self.context_for(sorted(self.sample_clients(self.num_clients)),
+                                                             self.current_round + 1))
+            unmask["next_context"] = self._next.context.to_meta()
+        answers = {}
+        for reply in self._stage(secagg.UNMASK_TASK, unmask, survivors, self.unmask_timeout):
+            answer = dict(reply.meta.get(secagg.META_KEY) or {})
+            if self._next is not None and "next_setup" in answer:
+                self._accept_setup(self._next, self._sender(reply), answer.pop("next_setup"))
+            answers[self._sender(reply)] = answer
         self.event(AppEventType.BEFORE_AGGREGATION)
         ring = server.unmask(self._masked_sum, survivors, answers)
         layout = self._inputs[survivors[0]]["layout"]
@@ -235,7 +265,7 @@ class SecAggFedAvg(BaseFedAvg):
         if problem:
             self.warning(f"round {context.round}: masked input of {site} refused: {problem}")
             return False
-        flat = secagg.flatten(params, layout, dtype=np.uint32)
+        flat = secagg.ring_of(params, layout)
         if self._masked_sum is None:
             self._masked_sum = flat
         else:
