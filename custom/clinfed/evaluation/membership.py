@@ -146,9 +146,9 @@ def attack_figures(scores: np.ndarray, member: np.ndarray, patient: np.ndarray, 
         draws.append(_roc_figures(scores[rows], member[rows]))
     # Basic (reverse percentile) intervals: a resample repeats patients, which the best threshold
     # exploits, so resampled advantages sit above the estimate; reflecting corrects that bias.
-    upper_q, lower_q = np.percentile(np.asarray(draws), [2.5, 97.5], axis=0)
+    q_low, q_high = np.percentile(np.asarray(draws), [2.5, 97.5], axis=0)
     point = np.array([auc, advantage, tpr_low])
-    low, high = np.clip(2 * point - lower_q, 0.0, 1.0), np.clip(2 * point - upper_q, 0.0, 1.0)
+    low, high = np.clip(2 * point - q_high, 0.0, 1.0), np.clip(2 * point - q_low, 0.0, 1.0)
     chance = []
     groups = [np.flatnonzero(target_model == m) for m in np.unique(target_model)]
     for _ in range(n_permutations):
