@@ -301,6 +301,27 @@ def cmd_audit_serve(args) -> int:
     return 0
 
 
+def cmd_eval_privacy(args) -> int:
+    from clinfed.evaluation.federation import Recipe
+    from clinfed.evaluation.membership import audit_data_folder, figures_table
+
+    try:
+        recipe = Recipe(rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr,
+                        roi=args.roi, dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta)
+    except ValueError as err:
+        raise ClinfedError(f"eval privacy: {err}") from None
+    with tqdm(total=args.models, desc="training shadow federations", unit="model", file=sys.stderr,
+              disable=args.json) as bar:
+        report = audit_data_folder(args.data, recipe, site=args.site, n_models=args.models, seed=args.seed,
+                                   model_file=args.model, study=args.study, progress=lambda k: bar.update(1))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"membership inference against {report['target']}")
+        print(figures_table(report["attacks"]))
+    return 0
+
+
 def cmd_jobs_export(args) -> int:
     from clinfed.jobs.tumour_seg import export_jobs
 
@@ -430,6 +451,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
     serve.add_argument("--study", default=STUDY_ID, help="the study whose consents the page shows first")
     serve.set_defaults(func=cmd_audit_serve)
+
+    evaluation = sub.add_parser("eval", help="audits of trained models").add_subparsers(
+        dest="eval_command", required=True)
+    privacy = evaluation.add_parser(
+        "privacy", help="membership inference (loss threshold, LiRA) against federations trained the way the job "
+                        "trains, or against a given global model (--model)")
+    privacy.add_argument("--data", type=Path, required=True, help="folder of site folders (`clinfed data synth`)")
+    privacy.add_argument("--site", default="site-1", help="whose patients are judged (or 'all': each site's, pooled)")
+    privacy.add_argument("--model", type=Path, help="attack this global model (FL_global_model.pt); members are the "
+                                                    "site's training split, non-members its validation split")
+    privacy.add_argument("--models", type=_positive, default=8, help="federations to train (targets and shadows)")
+    privacy.add_argument("--rounds", type=_positive, default=2)
+    privacy.add_argument("--local-epochs", type=_positive, default=16)
+    privacy.add_argument("--batch-size", type=_positive, default=2)
+    privacy.add_argument("--lr", type=float, default=1e-2)
+    privacy.add_argument("--roi", type=_shape, default=(16, 16, 16), help="model input size X,Y,Z (multiples of 16)")
+    privacy.add_argument("--dp-epsilon", type=float, help="train every site with DP-SGD at this epsilon (default: none)")
+    privacy.add_argument("--dp-delta", type=float, default=1e-5)
+    privacy.add_argument("--study", default=STUDY_ID)
+    privacy.add_argument("--seed", type=int, default=0)
+    privacy.add_argument("--json", action="store_true")
+    privacy.set_defaults(func=cmd_eval_privacy)
 
     jobs = sub.add_parser("jobs", help="FLARE job folders").add_subparsers(dest="jobs_command", required=True)
     export = jobs.add_parser("export", help="export the Python job definitions into job folders")

@@ -10,7 +10,7 @@ from opacus.accountants import RDPAccountant
 from privacy_helpers import EHR_SIZE, ROI, synthetic_batch
 
 from clinfed.models.fusion_seg import FusionSegNet
-from clinfed.privacy.dp_sgd import SiteDPSGD
+from clinfed.privacy.dp_sgd import SiteDPSGD, trainable_parameters
 from clinfed.privacy.errors import PrivacyBudgetExceeded
 from clinfed.training import TrainConfig, train_epochs
 
@@ -139,3 +139,82 @@ def test_expanded_weights_per_sample_gradients_equal_the_hooks_ones():
         per_sample[mode] = {n: p.grad_sample.detach().clone() for n, p in model.named_parameters()}
     for name, hooks_grad in per_sample["hooks"].items():
         assert torch.allclose(per_sample["ew"][name], hooks_grad, rtol=1e-4, atol=1e-7), name
+
+
+def _one_patient_private_step(dp: SiteDPSGD, model: torch.nn.Module):
+    """One DP step on a batch of one patient: the per-sample row counts the clipping saw and the
+    clipped sums (``summed_grad``) per parameter, i.e. that patient's clipped gradient."""
+    loader = torch.utils.data.DataLoader(synthetic_batch(N, seed=7), batch_size=dp.batch_size)
+    full = next(iter(torch.utils.data.DataLoader(synthetic_batch(1, seed=7), batch_size=1)))
+    with dp.private_round(model, torch.optim.SGD(model.parameters(), lr=0.0), loader, round_=0) as private:
+        views = private.data_loader.__class__.__name__ == "_AugmentedViews"
+        batch = next(iter(type(private.data_loader)([full], dp.augmentation_multiplicity))) if views else full
+        private.optimizer.zero_grad(set_to_none=True)
+        seg_logits, outcome = private.model(batch["image"], batch["ehr"])
+        # A large loss so that every per-sample gradient is far above the clipping bound.
+        (1e4 * (torch.nn.functional.cross_entropy(seg_logits, batch["label"][:, 0].long())
+                + torch.nn.functional.binary_cross_entropy_with_logits(outcome, batch["outcome"]))).backward()
+        optimizer = getattr(private.optimizer, "dp_optimizer", private.optimizer)
+        private.optimizer.step()
+        rows = {p.grad_sample.shape[0] for p in optimizer.params}
+        summed = [p.summed_grad.detach().clone() for p in optimizer.params]
+    return rows, summed
+
+
+def test_training_only_norms_and_head_leaves_every_other_parameter_as_received(tmp_path):
+    torch.manual_seed(4)
+    model = FusionSegNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dp = make_dp(tmp_path / "dp.json", trainable="norm+head")
+    private_round(dp, model, 0)
+    trained = set(trainable_parameters(model, "norm+head"))
+    assert 0 < sum(p.numel() for n, p in model.named_parameters() if n in trained) < 3000
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and changed <= trained
+    assert all(p.requires_grad for p in model.parameters())  # frozen for the round only
+
+
+def test_augmentation_multiplicity_clips_each_patient_once_not_each_view(tmp_path):
+    """With k views a patient's rows are averaged before clipping, so the patient moves the sum by
+    exactly C; clipping each view would let one patient move it by up to k x C."""
+    torch.manual_seed(5)
+    dp = make_dp(tmp_path / "dp.json", augmentation_multiplicity=4, max_grad_norm=0.5, target_epsilon=1e4)
+    rows, summed = _one_patient_private_step(dp, FusionSegNet())
+    assert rows == {1}  # one patient, not 4 views, reaches the clipping
+    assert torch.sqrt(sum((s ** 2).sum() for s in summed)) == pytest.approx(0.5, rel=1e-4)
+
+
+def test_augmented_views_are_flips_of_the_same_patient_with_their_labels():
+    from clinfed.privacy.dp_sgd import _AugmentedViews
+
+    batch = next(iter(torch.utils.data.DataLoader(synthetic_batch(2, seed=1), batch_size=2)))
+    views = next(iter(_AugmentedViews([batch], 3)))
+    assert views["image"].shape[0] == 6
+    assert torch.equal(views["image"][0], batch["image"][0]) and torch.equal(views["image"][3], batch["image"][1])
+    assert torch.equal(views["image"][1], batch["image"][0].flip(1))  # (C, X, Y, Z): X flipped
+    assert torch.equal(views["label"][2], batch["label"][0].flip(2))  # label flipped with its image
+    assert torch.equal(views["ehr"][4], batch["ehr"][1])
+
+
+def test_per_layer_clipping_bounds_each_tensor_and_the_whole_gradient_by_c(tmp_path):
+    torch.manual_seed(6)
+    model = FusionSegNet()
+    dp = make_dp(tmp_path / "dp.json", clipping="per_layer", max_grad_norm=1.0, target_epsilon=1e4)
+    _, summed = _one_patient_private_step(dp, model)
+    bound = 1.0 / math.sqrt(len(summed))
+    norms = torch.stack([s.norm() for s in summed])
+    assert (norms <= bound + 1e-5).all()
+    assert (norms > 0.99 * bound).float().mean() > 0.8  # most tensors' gradients were large enough to be clipped
+    assert torch.sqrt((norms ** 2).sum()) <= 1.0 + 1e-4
+
+
+@pytest.mark.parametrize("field, value", [("trainable", "encoder"), ("augmentation_multiplicity", 0),
+                                          ("augmentation_multiplicity", 9), ("clipping", "adaptive")])
+def test_a_lever_out_of_range_is_refused_naming_it(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        make_dp(tmp_path / "dp.json", **{field: value})
+
+
+def test_a_parameter_set_that_names_no_parameter_of_the_model_is_refused():
+    with pytest.raises(ValueError, match="norm\\+head"):
+        trainable_parameters(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.GroupNorm(1, 2)), "norm+head")

@@ -19,6 +19,13 @@ Noise: Opacus's ``secure_mode`` draws every value from torchcsprng, which has no
 torch; each round's noise generator is instead seeded with 63 bits from the operating system's
 CSPRNG (``secrets``), the seeding the DP libraries recommend, and Opacus's warning that secure mode
 is off is left visible in the site log.
+
+Levers that leave a more useful model at the same epsilon (measured in ``benchmarks/dp_utility.py``):
+``trainable`` (train only part of the model, so the noise spreads over fewer coordinates; pairs
+with a pretrained starting model), ``augmentation_multiplicity`` (De et al. 2022: each patient's
+gradient is the mean over several flipped views before clipping, at no privacy cost) and
+``clipping="per_layer"``. The batch size (the Poisson sampling rate), the rounds x epochs split
+and the optimiser (DP-Adam or DP-SGD) are the caller's.
 """
 
 from __future__ import annotations
@@ -46,6 +53,15 @@ DP_SGD_DELTA = "dp_sgd_delta"
 # Modes whose hooks can sit on the caller's own module: its state_dict keys stay as they are.
 _HOOK_MODES = ("hooks", "functorch")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
+CLIPPING_MODES = ("flat", "per_layer")
+# Parameters trained under DP (the rest stay as received). "decoder": the UNet's decoder, the
+# outcome head and every GroupNorm; "norm+head": every GroupNorm, the last 1x1 convolution and
+# the outcome head (about 2k of FusionSegNet's 240k parameters).
+_DECODER_PREFIXES = ("unet.upcat_", "unet.final_conv.", "outcome_head.")
+_HEAD_PREFIXES = ("unet.final_conv.", "outcome_head.")
+TRAINABLE_SETS = ("all", "decoder", "norm+head")
+# Flips of the views of augmentation multiplicity (spatial dims of a (B, C, X, Y, Z) batch); view 0 is as sampled.
+_VIEW_FLIPS = ((), (2,), (3,), (2, 3), (4,), (2, 4), (3, 4), (2, 3, 4))
 
 
 class PrivateRound(NamedTuple):
@@ -93,6 +109,63 @@ class _EmptyBatchSafe(torch.nn.Module):
         return _map_tensors(shaped, lambda t: t[:0] + anchor)
 
 
+def trainable_parameters(model: torch.nn.Module, which: str) -> list[str]:
+    """Names of the parameters of ``model`` that the set ``which`` (``TRAINABLE_SETS``) trains."""
+    if which not in TRAINABLE_SETS:
+        raise ValueError(f"trainable must be one of {TRAINABLE_SETS}, got {which!r}")
+    if which == "all":
+        return [name for name, _ in model.named_parameters()]
+    norm = {f"{module_name}.{name}" for module_name, module in model.named_modules()
+            if isinstance(module, torch.nn.GroupNorm) for name, _ in module.named_parameters()}
+    prefixes = _DECODER_PREFIXES if which == "decoder" else _HEAD_PREFIXES
+    names = [name for name, _ in model.named_parameters() if name in norm or name.startswith(prefixes)]
+    if not any(name.startswith(prefixes) for name in names):
+        raise ValueError(f"trainable={which!r} expects FusionSegNet's parameter names ({', '.join(prefixes)}); "
+                         f"{type(model).__name__} has none of them")
+    return names
+
+
+class _AugmentedViews:
+    """Augmentation multiplicity's data side: every sample of a batch becomes ``k`` consecutive rows,
+    flipped views of it (image and label flipped alike), so per-row gradients come out grouped by patient."""
+
+    def __init__(self, loader, k: int):
+        self.loader, self.k = loader, k
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            views = {key: value.repeat_interleave(self.k, dim=0) for key, value in batch.items()}
+            for key in ("image", "label"):
+                rows = views[key]
+                for view, dims in enumerate(_VIEW_FLIPS[:self.k]):
+                    if dims:
+                        rows[view::self.k] = rows[view::self.k].flip(dims)
+            yield views
+
+
+class _MeanOverViews:
+    """Augmentation multiplicity's optimiser side: before Opacus clips, each patient's per-sample
+    gradient becomes the mean of its ``k`` views' (so one patient still moves the sum by at most C)."""
+
+    def __init__(self, dp_optimizer, k: int):
+        self.dp_optimizer, self.k = dp_optimizer, k
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.dp_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None):
+        for parameter in self.dp_optimizer.params:
+            rows = parameter.grad_sample
+            parameter.grad_sample = rows.view(rows.shape[0] // self.k, self.k, *rows.shape[1:]).mean(dim=1)
+        return self.dp_optimizer.step(closure)
+
+    def __getattr__(self, name):
+        return getattr(self.dp_optimizer, name)
+
+
 def _map_tensors(value, fn):
     if torch.is_tensor(value):
         return fn(value)
@@ -122,6 +195,12 @@ class SiteDPSGD:
         grad_sample_mode: Opacus per-sample gradient engine: ``ew`` (ExpandedWeights; default:
             1.2x a non-private step on FusionSegNet on CPU, against 7x for ``hooks``; per-sample
             gradients checked equal), ``hooks`` or ``functorch``.
+        trainable: which parameters train under DP (``TRAINABLE_SETS``): ``all``, ``decoder`` or
+            ``norm+head``; the others are frozen for the round and come back unchanged.
+        augmentation_multiplicity: flipped views per patient whose gradients are averaged before
+            clipping (1 = off; at most 8). Costs k x the compute of a step.
+        clipping: ``flat`` (one bound C over all parameters) or ``per_layer`` (C / sqrt(L) for each
+            of the L trained tensors, so the whole gradient is still bounded by C).
         job_id, site, study: where the spend is recorded.
     """
 
@@ -129,6 +208,7 @@ class SiteDPSGD:
                  local_epochs: int, target_epsilon: float, job_epsilon: float | None = None,
                  target_delta: float | None = None,
                  max_grad_norm: float = 1.0, accountant: str = "prv", grad_sample_mode: str = "ew",
+                 trainable: str = "all", augmentation_multiplicity: int = 1, clipping: str = "flat",
                  job_id: str = "job", site: str = "", study: str = ""):
         if n_samples < 1 or batch_size < 1 or num_rounds < 1 or local_epochs < 1:
             raise ValueError("n_samples, batch_size, num_rounds and local_epochs must all be >= 1")
@@ -138,6 +218,12 @@ class SiteDPSGD:
             raise ValueError(f"accountant must be 'prv' or 'rdp' for DP-SGD, got {accountant!r}")
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
+        if trainable not in TRAINABLE_SETS:
+            raise ValueError(f"trainable must be one of {TRAINABLE_SETS}, got {trainable!r}")
+        if not 1 <= int(augmentation_multiplicity) <= len(_VIEW_FLIPS):
+            raise ValueError(f"augmentation_multiplicity must be 1..{len(_VIEW_FLIPS)}, got {augmentation_multiplicity}")
+        if clipping not in CLIPPING_MODES:
+            raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {clipping!r}")
         self.n_samples = int(n_samples)
         self.batch_size = int(batch_size)
         self.num_rounds = int(num_rounds)
@@ -145,6 +231,9 @@ class SiteDPSGD:
         self.max_grad_norm = float(max_grad_norm)
         self.accountant = accountant
         self.grad_sample_mode = grad_sample_mode
+        self.trainable = trainable
+        self.augmentation_multiplicity = int(augmentation_multiplicity)
+        self.clipping = clipping
         self.job_id = str(job_id)
         # Delta is fixed for a study's budget file: the default is taken at the first job, and a
         # later cohort size does not change it.
@@ -220,19 +309,31 @@ class SiteDPSGD:
         reservation = self.budget.reserve(self._round_events(None), what=what, job_id=self.job_id, round_=round_)
         engine = PrivacyEngine(accountant=self.accountant)
         wrap = self.grad_sample_mode not in _HOOK_MODES
+        trained = set(trainable_parameters(model, self.trainable))
+        frozen = [p for name, p in model.named_parameters() if name not in trained and p.requires_grad]
+        for parameter in frozen:
+            parameter.requires_grad_(False)
+        n_tensors = sum(p.requires_grad for p in model.parameters())
+        max_grad_norm = ([self.max_grad_norm / math.sqrt(n_tensors)] * n_tensors if self.clipping == "per_layer"
+                         else self.max_grad_norm)
         noise = torch.Generator(device=next(model.parameters()).device)
         noise.manual_seed(secrets.randbits(63))
         try:
             hooked, dp_optimizer, dp_loader = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=data_loader, noise_multiplier=self.noise_multiplier,
-                max_grad_norm=self.max_grad_norm, poisson_sampling=True, grad_sample_mode=self.grad_sample_mode,
-                wrap_model=wrap, noise_generator=noise)
+                max_grad_norm=max_grad_norm, poisson_sampling=True, clipping=self.clipping,
+                grad_sample_mode=self.grad_sample_mode, wrap_model=wrap, noise_generator=noise)
         except Exception:
+            for parameter in frozen:
+                parameter.requires_grad_(True)
             self.budget.commit([], job_id=self.job_id, round_=round_, reservation=reservation)
             raise
         _seed_empty_batch_structure(dp_loader, data_loader)
+        k = self.augmentation_multiplicity
         try:
-            yield PrivateRound(_EmptyBatchSafe(hooked, model) if wrap else model, dp_optimizer, dp_loader)
+            yield PrivateRound(_EmptyBatchSafe(hooked, model) if wrap else model,
+                               _MeanOverViews(dp_optimizer, k) if k > 1 else dp_optimizer,
+                               _AugmentedViews(dp_loader, k) if k > 1 else dp_loader)
         finally:
             taken = merge_history(engine.accountant.history)
             if not wrap:
@@ -242,6 +343,8 @@ class SiteDPSGD:
             for parameter in model.parameters():
                 parameter.grad_sample = None
                 parameter.grad = None
+            for parameter in frozen:
+                parameter.requires_grad_(True)
             self.budget.commit(taken, job_id=self.job_id, round_=round_, reservation=reservation)
 
     def report(self) -> dict:
@@ -251,4 +354,5 @@ class SiteDPSGD:
                 "dp_sgd_target_epsilon": self.target_epsilon}
 
 
-__all__ = ["SiteDPSGD", "PrivateRound", "PrivacyBudgetExceeded", "GRAD_SAMPLE_MODES"]
+__all__ = ["SiteDPSGD", "PrivateRound", "PrivacyBudgetExceeded", "GRAD_SAMPLE_MODES", "CLIPPING_MODES", "TRAINABLE_SETS",
+           "trainable_parameters"]
