@@ -132,11 +132,14 @@ def main(argv: list[str] | None = None) -> int:
                         get_fhir_model_class(raw["resourceType"]).model_validate(raw)
 
         def baseline_fhir() -> float:
+            # Run from the baseline's folder too: `python -c` puts the working directory first on the path.
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(
                 [str(args.baseline_src), str(args.baseline_src / "custom"), os.environ.get("PYTHONPATH", "")]))
-            out = subprocess.run([sys.executable, "-c", _BASELINE_FHIR, str(site_dir), STUDY_ID, str(args.repeat)],
-                                 env=env, check=True, capture_output=True, text=True).stdout
-            measured = json.loads(out.splitlines()[-1])
+            run = subprocess.run([sys.executable, "-c", _BASELINE_FHIR, str(site_dir), STUDY_ID, str(args.repeat)],
+                                 env=env, cwd=args.baseline_src, capture_output=True, text=True)
+            if run.returncode:
+                raise SystemExit(f"the baseline at {args.baseline_src} failed:\n{run.stderr}")
+            measured = json.loads(run.stdout.splitlines()[-1])
             assert measured["resources"] == len(lines), (measured, len(lines))
             return measured["seconds"]
 
