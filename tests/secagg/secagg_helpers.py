@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 from nvflare.fuel.utils import fobs
@@ -44,17 +45,9 @@ class Consortium:
         in the job's own workspace (a data root left by an earlier test in the process, e.g. by
         ``clinfed.experiment.run_federated``, would share it across tests, whose simulator jobs all
         have the id ``simulate_job``)."""
-        before = {key: os.environ.get(key) for key in (LEDGER_ENV, DATA_ROOT_ENV)}
-        os.environ[LEDGER_ENV] = str(self.ledger)
-        os.environ.pop(DATA_ROOT_ENV, None)
-        try:
+        with mock.patch.dict(os.environ, {LEDGER_ENV: str(self.ledger)}):  # restores the whole environment
+            os.environ.pop(DATA_ROOT_ENV, None)
             yield
-        finally:
-            for key, value in before.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
     def run(self, workflow: SecAggFedAvg | None = None, trainers: dict | None = None, rounds: int = 1,
             name: str = "secagg") -> Path:

@@ -179,6 +179,20 @@ def _conditions(patient: SyntheticPatient, profile: SiteProfile, patient_id: str
     return conditions
 
 
+def _observation(patient_id: str, subject: dict, day: str, code: tuple[str, str], **value: dict) -> dict:
+    """A laboratory Observation: ``code`` is the LOINC (code, display), ``value`` its value[x]."""
+    return {
+        "resourceType": "Observation",
+        "id": _id(patient_id, "Observation", code[0]),
+        "status": "final",
+        "category": [_concept(t.OBSERVATION_CATEGORY, "laboratory", "Laboratory")],
+        "code": _concept(t.LOINC, *code),
+        "subject": subject,
+        "effectiveDateTime": day,
+        **value,
+    }
+
+
 def _observations(patient: SyntheticPatient, profile: SiteProfile, patient_id: str,
                   subject: dict, day: str) -> list[dict]:
     glucose = patient.glucose_mmol_l
@@ -191,29 +205,12 @@ def _observations(patient: SyntheticPatient, profile: SiteProfile, patient_id: s
         (GLUCOSE_LOINC_BY_UNIT[profile.glucose_unit], profile.glucose_unit, glucose),
         (CREATININE_LOINC_BY_UNIT[profile.creatinine_unit], profile.creatinine_unit, creatinine),
     ]
-    laboratory = [_concept(t.OBSERVATION_CATEGORY, "laboratory", "Laboratory")]
-    observations = [{
-        "resourceType": "Observation",
-        "id": _id(patient_id, "Observation", loinc),
-        "status": "final",
-        "category": laboratory,
-        "code": _concept(t.LOINC, loinc, display),
-        "subject": subject,
-        "effectiveDateTime": day,
-        "valueQuantity": {"value": value, "unit": unit.replace("umol", "\u00b5mol"),
-                          "system": t.UCUM, "code": unit},
-    } for (loinc, display), unit, value in labs]
+    observations = [_observation(patient_id, subject, day, loinc, valueQuantity={
+        "value": value, "unit": unit.replace("umol", "\u00b5mol"), "system": t.UCUM, "code": unit})
+        for loinc, unit, value in labs]
     grade = GRADE_HIGH if patient.high_grade else GRADE_LOW
-    observations.append({
-        "resourceType": "Observation",
-        "id": _id(patient_id, "Observation", TUMOUR_GRADE_LOINC[0]),
-        "status": "final",
-        "category": laboratory,
-        "code": _concept(t.LOINC, *TUMOUR_GRADE_LOINC),
-        "subject": subject,
-        "effectiveDateTime": day,
-        "valueCodeableConcept": _concept(t.SNOMED, *grade),
-    })
+    observations.append(_observation(patient_id, subject, day, TUMOUR_GRADE_LOINC,
+                                     valueCodeableConcept=_concept(t.SNOMED, *grade)))
     return observations
 
 
@@ -221,28 +218,11 @@ def _brain_observations(patient: SyntheticPatient, profile: SiteProfile, patient
                         subject: dict, day: str) -> list[dict]:
     crp = patient.crp_mg_l / (10.0 if profile.crp_unit == "mg/dL" else 1.0)
     labs = [(SODIUM_LOINC, profile.sodium_unit, patient.sodium_mmol_l), (CRP_LOINC, profile.crp_unit, round(crp, 3))]
-    laboratory = [_concept(t.OBSERVATION_CATEGORY, "laboratory", "Laboratory")]
-    observations = [{
-        "resourceType": "Observation",
-        "id": _id(patient_id, "Observation", loinc),
-        "status": "final",
-        "category": laboratory,
-        "code": _concept(t.LOINC, loinc, display),
-        "subject": subject,
-        "effectiveDateTime": day,
-        "valueQuantity": {"value": value, "unit": unit, "system": t.UCUM, "code": unit},
-    } for (loinc, display), unit, value in labs]
+    observations = [_observation(patient_id, subject, day, loinc, valueQuantity={
+        "value": value, "unit": unit, "system": t.UCUM, "code": unit}) for loinc, unit, value in labs]
     grade = ("G4" if patient.crp_mg_l > 8 else "G3") if patient.high_grade else ("G2" if patient.has_epilepsy else "G1")
-    observations.append({
-        "resourceType": "Observation",
-        "id": _id(patient_id, "Observation", WHO_GRADE_LOINC[0]),
-        "status": "final",
-        "category": laboratory,
-        "code": _concept(t.LOINC, *WHO_GRADE_LOINC),
-        "subject": subject,
-        "effectiveDateTime": day,
-        "valueCodeableConcept": _concept(WHO_GRADE_SYSTEM, grade, f"WHO CNS grade {grade[1]}"),
-    })
+    observations.append(_observation(patient_id, subject, day, WHO_GRADE_LOINC, valueCodeableConcept=_concept(
+        WHO_GRADE_SYSTEM, grade, f"WHO CNS grade {grade[1]}")))
     return observations
 
 
