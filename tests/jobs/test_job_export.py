@@ -63,3 +63,22 @@ def test_private_job_runs_secure_aggregation_around_dp_sgd_and_has_no_cross_site
     # The contribution record hashes the bytes the site sends: the masked input.
     result_filters = [f["path"] for group in client["task_result_filters"] for f in group["filters"]]
     assert result_filters == ["clinfed.filters.contribution_record.ContributionRecorder"]
+
+
+def test_each_jobs_server_model_is_the_model_its_sites_build_for_the_study(tmp_path):
+    """The server's initial model is built from the exported config, the sites' from their study
+    definition: a job for a study with another EHR vector must carry that size, or every site
+    fails to load the global model (the brain study's job once sent the liver study's model)."""
+    from clinfed.data.study import load_study
+    from clinfed.models.fusion_seg import FusionSegNet
+    from clinfed.training import new_model
+
+    for job_dir in export_jobs(tmp_path):
+        server = json.loads((job_dir / "app" / "config" / "config_fed_server.json").read_text())
+        client = json.loads((job_dir / "app" / "config" / "config_fed_client.json").read_text())
+        persistor = next(c for c in server["components"] if c["id"] == "persistor")
+        model_args = persistor["args"]["model"]["args"]
+        study = client["executors"][0]["executor"]["args"].get("study", "clinfed-tumour-seg")
+        server_shapes = {k: v.shape for k, v in FusionSegNet(**model_args).state_dict().items()}
+        site_shapes = {k: v.shape for k, v in new_model(load_study(study).ehr_size).state_dict().items()}
+        assert server_shapes == site_shapes, f"{job_dir.name}: the server's model is not the {study} sites' model"

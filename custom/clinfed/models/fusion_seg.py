@@ -26,6 +26,10 @@ class FusionSegNet(nn.Module):
 
     def __init__(self, ehr_features: int = 12, features: tuple[int, ...] = DEFAULT_FEATURES, norm_groups: int = 4):
         super().__init__()
+        # Kept under their argument names: FLARE's job export reads a component's arguments back
+        # from the instance, and silently leaves out any it cannot find there (the server would
+        # then build the default model whatever the study).
+        self.ehr_features, self.features, self.norm_groups = ehr_features, tuple(features), norm_groups
         if any(f % norm_groups for f in features):
             raise ValueError(f"every feature size in {features} must be divisible by norm_groups={norm_groups}")
         self.unet = BasicUNet(
