@@ -7,6 +7,8 @@ that form); an interval that cannot be computed (too few patients, one outcome c
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import stats
 
@@ -14,13 +16,20 @@ RESAMPLES = 2000
 
 
 def _interval(data: tuple, statistic, seed: int) -> list[float] | None:
+    """Percentile interval of the bootstrap distribution, leaving out the resamples where the
+    statistic is undefined (an AUC resample of one class: likely on a few dozen patients)."""
     if len(data[0]) < 2:
         return None
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
         result = stats.bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=RESAMPLES,
                                  confidence_level=0.95, method="percentile", random_state=np.random.default_rng(seed))
-    low, high = result.confidence_interval
-    return None if np.isnan(low) or np.isnan(high) else [float(low), float(high)]
+    distribution = result.bootstrap_distribution
+    distribution = distribution[np.isfinite(distribution)]
+    if len(distribution) < RESAMPLES // 2:
+        return None
+    low, high = np.percentile(distribution, [2.5, 97.5])
+    return [float(low), float(high)]
 
 
 def mean_interval(values, seed: int = 0) -> dict:
