@@ -60,10 +60,10 @@ SITE_PROFILES: tuple[SiteProfile, ...] = (
     SiteProfile(
         name="site-1", modality="CT", manufacturer="Siemens", spacing_mm=(0.8, 0.8, 2.5),
         background=-80.0, organ=60.0, lesion_contrast=-45.0, noise_std=12.0,
-        lesion_radius_frac=(0.10, 0.20), lesion_count=(1, 2), high_grade_bias=0.0,
+        lesion_radius_frac=(0.14, 0.26), lesion_count=(1, 2), high_grade_bias=0.0,
         glucose_unit="mg/dL", creatinine_unit="mg/dL", diagnosis_system="snomed",
         protocol="CT, unenhanced-like phase (parenchyma 60 HU, lesion 15 HU), sharp kernel, 2.5 mm slices, "
-                 "small lesions",
+                 "1-2 lesions",
     ),
     SiteProfile(
         name="site-2", modality="MR", manufacturer="Philips", spacing_mm=(1.0, 1.0, 1.0),
@@ -94,6 +94,7 @@ BRAIN_SITE_PROFILES: tuple[SiteProfile, ...] = (
         lesion_radius_frac=(3.6, 8.4), lesion_count=(1, 1), high_grade_bias=0.3,
         glucose_unit="mmol/L", creatinine_unit="umol/L", diagnosis_system="snomed",
         anatomy="brain", body_part="BRAIN", series_description="T1 MPRAGE post-contrast", bias_field=0.10,
+        protocol="3D T1 MPRAGE post-contrast, 1 mm isotropic, mild coil bias, single lesions",
     ),
     SiteProfile(
         name="site-2", modality="MR", manufacturer="GE", spacing_mm=(0.9, 0.9, 1.2),
@@ -102,6 +103,7 @@ BRAIN_SITE_PROFILES: tuple[SiteProfile, ...] = (
         glucose_unit="mmol/L", creatinine_unit="umol/L", diagnosis_system="icd10",
         anatomy="brain", body_part="BRAIN", series_description="Ax T1 BRAVO +C", sodium_unit="meq/L",
         crp_unit="mg/dL", bias_field=0.20,
+        protocol="Ax T1 BRAVO post-contrast, about twice the signal scale and noise, strong coil bias, up to 2 lesions",
     ),
     SiteProfile(
         name="site-3", modality="MR", manufacturer="Philips", spacing_mm=(1.1, 1.1, 1.0),
@@ -109,6 +111,7 @@ BRAIN_SITE_PROFILES: tuple[SiteProfile, ...] = (
         lesion_radius_frac=(4.5, 8.4), lesion_count=(1, 1), high_grade_bias=0.6,
         glucose_unit="mmol/L", creatinine_unit="umol/L", diagnosis_system="snomed",
         anatomy="brain", body_part="BRAIN", series_description="T1W_3D_TFE gd", bias_field=0.05,
+        protocol="T1W 3D TFE gadolinium, low signal scale, quiet coil, larger single lesions",
     ),
 )
 """Brain study sites; ``lesion_radius_frac`` is the lesion radius in mm here (0.2-2.5 ml)."""
