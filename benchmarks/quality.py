@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -40,10 +42,15 @@ def one_run(config: DemoConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     synthesise_sites(out / "data", config)
     results = run_experiment(out / "data", out, config)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return summarise(results, config.seed)
+
+
+def summarise(results: dict, seed: int) -> dict:
     central, federated = results["central"], results["federated"]
     differences = {site: d["union"] for site, d in results["federated_minus_local"].items()}
     return {
-        "seed": config.seed,
+        "seed": seed,
         "test_patients": results["comparison"]["test_patients"],
         "central_dice": central["dice"],
         "federated_dice": federated["dice"],
@@ -72,6 +79,7 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, help="override the default local epochs per round")
     parser.add_argument("--lr", type=float, help="override the default learning rate (all arms)")
     parser.add_argument("--privacy", choices=PRIVACY_MODES, default="none", help="federated arm's privacy")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once, each in a process of its own")
     args = parser.parse_args()
     overrides = {"patients": args.patients, "test_patients": args.test_patients, "rounds": args.rounds,
                  "local_epochs": args.local_epochs, "lr": args.lr}
@@ -79,7 +87,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.out or Path(tmp)
-        runs = [one_run(replace(config, seed=seed), root / f"seed-{seed}") for seed in args.seeds]
+        configs = [replace(config, seed=seed) for seed in args.seeds]
+        folders = [root / f"seed-{seed}" for seed in args.seeds]
+        if args.jobs > 1:
+            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                runs = list(pool.map(one_run, configs, folders))
+        else:
+            runs = [one_run(c, f) for c, f in zip(configs, folders)]
 
     def mean(values):
         values = [v for v in values if v is not None]
