@@ -9,8 +9,8 @@ vector zeroed and with the image embedding zeroed.
 Prints one JSON object. Not a test: one full demo experiment per seed (the default size: about
 5 minutes each on 2 free cores).
 
-    .venv/bin/python benchmarks/quality.py [--out DIR] [--seeds 0 1 2] [--patients N]
-        [--test-patients N] [--rounds N] [--local-epochs E] [--lr LR] [--privacy dp+mask]
+    .venv/bin/python benchmarks/quality.py [--out DIR] [--seeds 0 1 2] [--jobs 3] [--patients N]
+        [--test-patients N] [--shape X Y Z] [--rounds N] [--local-epochs E] [--lr LR] [--privacy dp+mask]
 
 With ``--privacy`` the federated arm is the private job (the baselines stay non-private), so
 its Dice against the plain run's tells what privacy costs in quality.
@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="data and initialisation seeds")
     parser.add_argument("--patients", type=int, help="override the training patients per site")
+    parser.add_argument("--shape", type=int, nargs=3, help="override the generated volume size (voxels)")
     parser.add_argument("--test-patients", type=int, help="override the held-out test patients per site")
     parser.add_argument("--rounds", type=int, help="override the default number of rounds")
     parser.add_argument("--local-epochs", type=int, help="override the default local epochs per round")
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--privacy", choices=PRIVACY_MODES, default="none", help="federated arm's privacy")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run at once, each in a process of its own")
     args = parser.parse_args()
-    overrides = {"patients": args.patients, "test_patients": args.test_patients, "rounds": args.rounds,
+    overrides = {"shape": tuple(args.shape) if args.shape else None, "patients": args.patients, "test_patients": args.test_patients, "rounds": args.rounds,
                  "local_epochs": args.local_epochs, "lr": args.lr}
     config = replace(DemoConfig(), privacy=args.privacy, **{k: v for k, v in overrides.items() if v is not None})
 
