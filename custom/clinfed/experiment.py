@@ -252,14 +252,6 @@ def train_model(train: list[Case], config: DemoConfig, advance: Callable[[int], 
     return model
 
 
-def train_arm(train: list[Case], evaluation: list[Case], config: DemoConfig,
-              advance: Callable[[int], None] = lambda n=1: None) -> dict:
-    """Train a model (:func:`train_model`) and score it on ``evaluation``."""
-    model = train_model(train, config, advance)
-    scores = evaluate(model, make_loader(evaluation, config.train_config, train=False), config.train_config)
-    return {"dice": finite_or_none(scores["dice"]), "auc": finite_or_none(scores["auc"])}
-
-
 # --------------------------------------------------------------------------- test-set scores
 
 
