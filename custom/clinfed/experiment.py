@@ -1,8 +1,14 @@
 """The experiment behind the demo and ``benchmarks/quality.py``: centralised vs local-only vs
 federated (FLARE SimEnv) on synthetic non-IID sites, scored the same way.
 
-All three arms train the same model with the same total epoch budget and are scored on the
-same evaluation set: the union of every site's validation split.
+All arms train the same model with the same total epoch budget (:data:`COMPARISON_RULE`) and
+each final model is scored on every site's held-out test set: patients from the same generator
+as the site's training data, generated apart (``test_data/<site>``), never seen in training or
+in any choice made from scores, and not split by the sites' pseudonym keys. Scores are means
+over test patients with 95% bootstrap intervals (:mod:`clinfed.confidence`); federated vs each
+local-only model is a paired difference over the same test patients. The outcome head is scored
+as trained (fused), with the EHR vector zeroed and with the image embedding zeroed.
+The validation splits only score the federated rounds as they go.
 
 ``privacy`` applies to the federated arm only (``dp``: DP-SGD at every site under a budget of
 ``dp_target_epsilon`` for the study; ``mask``: secure masking; ``dp+mask``): the baselines stay
@@ -30,11 +36,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from clinfed import audit
+from clinfed.confidence import auc_interval, mean_interval
 from clinfed.data.ingest import Case, ingest_site
-from clinfed.data.profiles import BRAIN_STUDY_ID, STUDY_ID, profile_for_site
+from clinfed.data.profiles import BRAIN_STUDY_ID, STUDY_ID, SiteProfile, profile_for_site
 from clinfed.data.study import load_study
 from clinfed.errors import ClinfedError
 from clinfed.jobs.tumour_seg import (
@@ -48,6 +56,7 @@ from clinfed.ledger.settings import COORDINATOR, JOB_ID_ENV, LEDGER_ENV, ledger_
 from clinfed.site_config import DATA_ROOT_ENV, MASKING_KEY_FILE, PRIVACY_DIR_NAME, SITE_CONFIG_FILE
 from clinfed.site_setup import consent_sync, keys_register
 from clinfed.training import (
+    OUTCOME_VARIANTS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_LOCAL_EPOCHS,
     DEFAULT_LR,
@@ -72,6 +81,11 @@ FLARE_WORKSPACE = "flare_workspace"
 FLARE_FILES_ONLY_LOG_CONFIG = "log_config_files_only.json"
 # What FLARE's own code prints (not logs) during a quiet run goes here, in the workspace.
 FLARE_CONSOLE_FILE = "flare_console.txt"
+# Beside the sites' data folder: each site's held-out test patients (one folder per site).
+TEST_DATA_DIR = "test_data"
+COMPARISON_RULE = ("every arm trains the same model from the same initialisation for the same epoch budget "
+                   "(rounds x local epochs); each arm's final model is scored, no round or epoch chosen by a score; "
+                   "scores are on held-out test patients only")
 UNITS = ("patient", "site")
 # Volume size each study's synthetic sites are generated at: the liver phantoms, and a head at
 # about 1 mm.
@@ -82,6 +96,7 @@ STUDY_SHAPES = {STUDY_ID: (48, 48, 24), BRAIN_STUDY_ID: (64, 64, 48)}
 class DemoConfig:
     sites: int = 3
     patients: int = 24
+    test_patients: int = 24  # per site, held out: never trained on, never used to choose anything
     shape: tuple[int, int, int] | None = None  # None: the study's (STUDY_SHAPES)
     seed: int = 0
     rounds: int = DEFAULT_ROUNDS
@@ -98,8 +113,8 @@ class DemoConfig:
         # Batch 1: twice the optimiser steps of the default in the same time; two local epochs:
         # with volumes resampled to the study's spacing, three rounds of one epoch left the averaged
         # model at Dice 0.34 where two epochs reach more, in less CPU time than the old pipeline's one.
-        return cls(patients=12, shape=(32, 32, 16) if study == STUDY_ID else None, rounds=3, local_epochs=2,
-                   batch_size=1, study=study)
+        return cls(patients=12, test_patients=12, shape=(32, 32, 16) if study == STUDY_ID else None, rounds=3,
+                   local_epochs=2, batch_size=1, study=study)
 
     @property
     def definition(self):
@@ -151,15 +166,32 @@ class Watcher:
         privacy mechanism ran, the spend after it (an entry of ``privacy.per_round``)."""
 
 
+def test_data_dir(data_dir: Path) -> Path:
+    return Path(data_dir).parent / TEST_DATA_DIR
+
+
 def synthesise_sites(data_dir: Path, config: DemoConfig, watcher: Watcher | None = None) -> None:
-    """Generate the configuration's synthetic sites into ``data_dir``, unless they are there."""
+    """Generate the configuration's synthetic sites into ``data_dir`` and each site's held-out
+    test patients beside it (:func:`test_data_dir`), unless they are there."""
     from clinfed.data.synth import synthesise
 
-    if not all((data_dir / name / "fhir").is_dir() for name in site_names(config)):
-        message = (f"generating {config.sites} non-IID sites x {config.patients} patients of study {config.study} "
-                   f"in {data_dir}")
-        (watcher or Watcher()).message(message)
-        synthesise(data_dir, config.sites, config.patients, config.volume_shape, config.seed, study_id=config.study)
+    watcher = watcher or Watcher()
+    for folder, patients, held_out in ((data_dir, config.patients, False),
+                                       (test_data_dir(data_dir), config.test_patients, True)):
+        if not all((folder / name / "fhir").is_dir() for name in site_names(config)):
+            watcher.message(f"generating {config.sites} non-IID sites x {patients} {'test ' if held_out else ''}"
+                            f"patients of study {config.study} in {folder}")
+            synthesise(folder, config.sites, patients, config.volume_shape, config.seed, study_id=config.study,
+                       held_out=held_out)
+
+
+def site_profile_summary(profile: SiteProfile) -> dict:
+    """What the report says of a site's scanner and protocol (its generator profile)."""
+    return {"modality": profile.modality, "manufacturer": profile.manufacturer, "spacing_mm": list(profile.spacing_mm),
+            "tissue": profile.organ, "lesion": profile.organ + profile.lesion_contrast, "background": profile.background,
+            "noise_std": profile.noise_std, "blur_mm": profile.blur_mm,
+            "lesion_radius_frac": list(profile.lesion_radius_frac), "lesion_count": list(profile.lesion_count),
+            "high_grade_bias": profile.high_grade_bias, "protocol": profile.protocol}
 
 
 # --------------------------------------------------------------------------- cohorts and baselines
@@ -167,15 +199,18 @@ def synthesise_sites(data_dir: Path, config: DemoConfig, watcher: Watcher | None
 
 @dataclass
 class Cohorts:
-    """Each site's usable patients, split into training and validation, and its ingestion report."""
+    """Each site's usable patients, split into training and validation, its held-out test
+    patients, and its ingestion reports."""
 
     train: dict[str, list[Case]] = field(default_factory=dict)
     validation: dict[str, list[Case]] = field(default_factory=dict)
+    test: dict[str, list[Case]] = field(default_factory=dict)
     reports: dict[str, dict] = field(default_factory=dict)
+    test_reports: dict[str, dict] = field(default_factory=dict)
 
     @property
     def evaluation(self) -> list[Case]:
-        """The shared evaluation set: the union of the sites' validation splits."""
+        """The union of the sites' validation splits (scores the federated rounds as they go)."""
         return [case for cases in self.validation.values() for case in cases]
 
     @property
@@ -183,23 +218,29 @@ class Cohorts:
         return [case for cases in self.train.values() for case in cases]
 
 
-def ingest_cohorts(data_dir: Path, config: DemoConfig, watcher: Watcher) -> Cohorts:
+def ingest_cohorts(data_dir: Path, config: DemoConfig, watcher: Watcher, test_dir: Path | None = None) -> Cohorts:
+    """Ingest every site; with ``test_dir``, each site's held-out test patients too (all of them
+    test: the pseudonym split does not apply)."""
     cohorts = Cohorts()
     definition = config.definition
     for name in site_names(config):
         ingestion = ingest_site(data_dir / name, definition)
         cohorts.reports[name] = ingestion.report()
         cohorts.train[name], cohorts.validation[name] = split_cases(ingestion.cases)
-        watcher.message(f"{name}: {len(cohorts.train[name])} train, {len(cohorts.validation[name])} validation, "
-                        f"excluded {cohorts.reports[name]['excluded_by_reason'] or 'none'}")
+        tested = ""
+        if test_dir is not None:
+            held_out = ingest_site(Path(test_dir) / name, definition)
+            cohorts.test[name], cohorts.test_reports[name] = held_out.cases, held_out.report()
+            tested = f", {len(held_out.cases)} test"
+        watcher.message(f"{name}: {len(cohorts.train[name])} train, {len(cohorts.validation[name])} validation"
+                        f"{tested}, excluded {cohorts.reports[name]['excluded_by_reason'] or 'none'}")
     return cohorts
 
 
-def train_arm(train: list[Case], evaluation: list[Case], config: DemoConfig,
-              advance: Callable[[int], None] = lambda n=1: None) -> dict:
-    """Train a fresh model on ``train`` for the whole epoch budget and score it on ``evaluation``.
-    One ``train_epochs`` call per epoch with one optimiser is the same training as one call for
-    all of them, and lets the caller follow it epoch by epoch."""
+def train_model(train: list[Case], config: DemoConfig, advance: Callable[[int], None] = lambda n=1: None):
+    """A fresh model trained on ``train`` for the whole epoch budget. One ``train_epochs`` call
+    per epoch with one optimiser is the same training as one call for all of them, and lets the
+    caller follow it epoch by epoch."""
     torch.manual_seed(config.seed)
     model = new_model(config.train_config.ehr_size)
     one_epoch = TrainConfig(**{**asdict(config.train_config), "epochs": 1})
@@ -208,8 +249,58 @@ def train_arm(train: list[Case], evaluation: list[Case], config: DemoConfig,
     for _ in range(config.total_epochs):
         train_epochs(model, loader, one_epoch, optimizer)
         advance(1)
-    scores = evaluate(model, make_loader(evaluation, one_epoch, train=False), one_epoch)
-    return {"dice": finite_or_none(scores["dice"]), "auc": finite_or_none(scores["auc"])}
+    return model
+
+
+# --------------------------------------------------------------------------- test-set scores
+
+
+def score_on_test_sets(model, test_loaders: dict, config: DemoConfig) -> dict[str, dict]:
+    """The model's per-case scores on each site's test set (``evaluate(..., per_case=True)``)."""
+    return {site: evaluate(model, loader, config.train_config, per_case=True) for site, loader in test_loaders.items()}
+
+
+def _union(per_site: dict[str, dict], key: str) -> list:
+    return [value for scores in per_site.values() for value in scores[key]]
+
+
+def arm_summary(per_site: dict[str, dict], seed: int) -> dict:
+    """An arm's ``results.json`` entry: Dice on the union of the test sets and the outcome AUC
+    as trained (``auc``) and with each input zeroed, each a mean with its 95% interval."""
+    outcomes = _union(per_site, "outcomes")
+    summary = {"dice": mean_interval(_union(per_site, "case_dice"), seed)}
+    for variant in OUTCOME_VARIANTS:
+        scores = [s for site in per_site.values() for s in site["outcome_scores"][variant]]
+        summary["auc" if variant == "fused" else f"auc_{variant}"] = auc_interval(outcomes, scores, seed)
+    return summary
+
+
+def site_arm_table(arms: dict[str, dict[str, dict]], seed: int) -> dict:
+    """``results.json``'s ``site_arm``: every arm's Dice on every site's test set."""
+    sites = list(next(iter(arms.values())))
+    return {"test_sets": sites,
+            "arms": {arm: {site: {"dice": mean_interval(per_site[site]["case_dice"], seed)} for site in sites}
+                     for arm, per_site in arms.items()}}
+
+
+def federated_minus_local(federated: dict[str, dict], local: dict[str, dict[str, dict]], seed: int) -> dict:
+    """Paired Dice difference federated - local-only per site, over the same test patients: on the
+    union of the test sets, on the site's own test set, and on the other sites' test sets."""
+    def difference(sites: list[str], name: str) -> dict:
+        ours = np.array([d for site in sites for d in federated[site]["case_dice"]])
+        theirs = np.array([d for site in sites for d in local[name][site]["case_dice"]])
+        return mean_interval(ours - theirs, seed)
+
+    sites = list(federated)
+    return {name: {"union": difference(sites, name), "own_site": difference([name], name),
+                   "other_sites": difference([s for s in sites if s != name], name)} for name in local}
+
+
+def comparison(config: DemoConfig, cohorts: Cohorts) -> dict:
+    return {"rule": COMPARISON_RULE, "epochs_per_arm": config.total_epochs,
+            "test_patients": {site: len(cases) for site, cases in cohorts.test.items()},
+            "test_sets": "each site's held-out patients (same generator, never trained on or used for selection)",
+            "intervals": "95% percentile bootstrap over test patients (paired for differences)"}
 
 
 # --------------------------------------------------------------------------- the federated arm
@@ -579,41 +670,53 @@ def federated_arm(data_dir: Path, out_dir: Path, config: DemoConfig, evaluation:
 
 def run_experiment(data_dir: Path, out_dir: Path, config: DemoConfig, watcher: Watcher | None = None,
                    flare_logs_to_files: bool = True) -> dict:
-    """Run the three arms on the sites in ``data_dir`` (FLARE workspace and ledger in ``out_dir``)
-    and return ``results.json``'s content (written by the caller)."""
+    """Run the arms on the sites in ``data_dir``, score them on the test sets beside it
+    (:func:`test_data_dir`; FLARE workspace and ledger in ``out_dir``) and return
+    ``results.json``'s content (written by the caller)."""
     watcher = watcher or Watcher()
     names = site_names(config)
     if "dp" in config.privacy:
         refuse_spent_budgets(data_dir, names, config.study)
-    cohorts = ingest_cohorts(data_dir, config, watcher)
-    evaluation = cohorts.evaluation
+    cohorts = ingest_cohorts(data_dir, config, watcher, test_dir=test_data_dir(data_dir))
+    test_loaders = {site: make_loader(cases, config.train_config, train=False) for site, cases in cohorts.test.items()}
+    scored: dict[str, dict[str, dict]] = {}  # arm -> test site -> per-case scores
 
     timings = {}
     started = time.perf_counter()
     with watcher.arm("centralised", config.total_epochs, "epoch") as advance:
-        central = train_arm(cohorts.pooled_train, evaluation, config, advance)
+        scored["central"] = score_on_test_sets(train_model(cohorts.pooled_train, config, advance), test_loaders,
+                                               config)
     timings["central_seconds"] = time.perf_counter() - started
 
-    local = {}
     started = time.perf_counter()
     for name in names:
         with watcher.arm(f"local-only {name}", config.total_epochs, "epoch") as advance:
-            local[name] = train_arm(cohorts.train[name], evaluation, config, advance)
+            scored[f"local-only {name}"] = score_on_test_sets(train_model(cohorts.train[name], config, advance),
+                                                              test_loaders, config)
     timings["local_seconds"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    federated, cross_site, privacy, ledger = federated_arm(data_dir, out_dir, config, evaluation, watcher,
+    federated, cross_site, privacy, ledger = federated_arm(data_dir, out_dir, config, cohorts.evaluation, watcher,
                                                            flare_logs_to_files)
+    model = new_model(config.train_config.ehr_size)
+    load_numpy_state(model, torch.load(federated["model_file"], map_location="cpu", weights_only=False)["model"])
+    scored["federated"] = score_on_test_sets(model, test_loaders, config)
     timings["federated_seconds"] = time.perf_counter() - started
 
+    seed = config.seed
+    federated_validation = {"validation_dice": federated.pop("dice"), "validation_auc": federated.pop("auc")}
     return {
-        "config": {**asdict(config), "sites": names, "evaluation_set": "union of the sites' validation splits",
-                   "evaluation_cases": len(evaluation), "total_epochs_per_arm": config.total_epochs},
-        "ingestion": {name: {k: cohorts.reports[name][k] for k in ("usable", "excluded", "excluded_by_reason")}
-                      for name in names},
-        "central": central,
-        "local": local,
-        "federated": federated,
+        "config": {**asdict(config), "sites": names, "total_epochs_per_arm": config.total_epochs},
+        "comparison": comparison(config, cohorts),
+        "site_profiles": {name: site_profile_summary(profile_for_site(i, config.study)) for i, name in enumerate(names)},
+        "ingestion": {name: {**{k: cohorts.reports[name][k] for k in ("usable", "excluded", "excluded_by_reason")},
+                             "test_usable": cohorts.test_reports[name]["usable"]} for name in names},
+        "central": arm_summary(scored["central"], seed),
+        "local": {name: arm_summary(scored[f"local-only {name}"], seed) for name in names},
+        "federated": {**arm_summary(scored["federated"], seed), **federated_validation, **federated},
+        "site_arm": site_arm_table(scored, seed),
+        "federated_minus_local": federated_minus_local(
+            scored["federated"], {name: scored[f"local-only {name}"] for name in names}, seed),
         "cross_site": cross_site,
         "ledger": ledger,
         "privacy": privacy,

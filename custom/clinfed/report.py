@@ -5,9 +5,9 @@ script, nothing fetched). Every figure it shows from ``results.json`` carries th
 (RFC 6901) of its source in ``data-pointer`` and the exact value in ``data-value``, so a reader
 (or a test) can check any number against the file.
 
-A score in ``results.json`` is either a number or ``{"mean": m, "ci95": [low, high]}``; the page
-shows the interval where there is one. An optional ``site_arm`` section
-(``{"test_sets": [site, ...], "arms": {arm: {site: {"dice": score, "auc": score}}}}``: each arm
+A score in ``results.json`` is either a number or ``{"mean": m, "ci95": [low, high], "n": n}``
+(:mod:`clinfed.confidence`); the page shows the interval where there is one. The ``site_arm``
+section (``{"test_sets": [site, ...], "arms": {arm: {site: {"dice": score}}}}``: each arm
 scored on each site's test set) is shown as a site x arm table.
 """
 
@@ -31,6 +31,15 @@ def _value(score):
 
 def _fmt(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _score(score, digits: int = 3, signed: bool = False) -> str:
+    """A score as the console shows it: ``0.812 [0.790, 0.830]``."""
+    if not isinstance(score, dict):
+        return _fmt(score, digits)
+    mean = "n/a" if score.get("mean") is None else f"{score['mean']:{'+' if signed else ''}.{digits}f}"
+    interval = score.get("ci95")
+    return mean if not interval else f"{mean} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
 
 
 # --------------------------------------------------------------------------- console
@@ -68,12 +77,27 @@ def round_line(entry: dict, total_rounds: int, spend: dict | None = None) -> str
 
 
 def results_table(results: dict) -> str:
-    lines = [f"{'arm':<22}{'Dice':>8}{'AUC':>8}", "-" * 38]
+    """The console's summary: each arm on all test sets, each arm per test set, federated minus
+    each local-only model, the outcome head's inputs, rounds, privacy and the ledger."""
+    lines = [f"{'arm (all test sets)':<22}{'Dice [95% CI]':<26}outcome AUC [95% CI]", "-" * 70]
     for label, _, scores in arm_rows(results):
-        lines.append(f"{label:<22}{_fmt(_value(scores['dice'])):>8}{_fmt(_value(scores['auc'])):>8}")
-    lines.append("")
-    lines.append("federated Dice per round: " + ", ".join(
-        f"r{r['round']}={_fmt(r['dice'])}" for r in results["federated"]["per_round"]))
+        lines.append(f"{label:<22}{_score(scores['dice']):<26}{_score(scores['auc'], 2)}")
+    site_arm = results.get("site_arm")
+    if site_arm:
+        lines.append("")
+        lines.append(f"{'Dice per test set':<22}" + "".join(f"{site:>10}" for site in site_arm["test_sets"]))
+        for arm, by_site in site_arm["arms"].items():
+            lines.append(f"{arm:<22}" + "".join(f"{_fmt(_value(by_site[s]['dice'])):>10}" for s in site_arm["test_sets"]))
+    differences = results.get("federated_minus_local")
+    if differences:
+        lines.append("federated - local-only, paired Dice on all test sets: " + "; ".join(
+            f"{site} {_score(d['union'], signed=True)}" for site, d in differences.items()))
+    federated = results["federated"]
+    if "auc_ehr_zeroed" in federated:
+        lines.append(f"federated outcome AUC: fused {_score(federated['auc'], 2)}, EHR zeroed "
+                     f"{_score(federated['auc_ehr_zeroed'], 2)}, image zeroed {_score(federated['auc_image_zeroed'], 2)}")
+    lines.append("federated validation Dice per round: " + ", ".join(
+        f"r{r['round']}={_fmt(r['dice'])}" for r in federated["per_round"]))
     privacy = results.get("privacy") or {}
     for unit, key in (("patient", "patient_level"), ("site", "site_level")):
         spend = privacy.get(key) or {}
@@ -115,7 +139,8 @@ def _figures(results: dict) -> dict[str, bytes]:
     for site in sorted({s for r in per_round for s in r["site_dice"]}):
         ax.plot(rounds, [r["site_dice"].get(site) for r in per_round], marker="o", label=site)
     ax.plot(rounds, [r["dice"] for r in per_round], marker="s", color="black", label="all sites")
-    ax.set(xlabel="federated round", ylabel="validation Dice (global model)", title="Federated Dice per round",
+    ax.set(xlabel="federated round", ylabel="validation Dice (global model)",
+           title="Federated Dice per round (validation splits)",
            ylim=(0, 1), xticks=rounds)
     ax.legend()
     figures["dice_per_round"] = png(fig)
@@ -124,10 +149,13 @@ def _figures(results: dict) -> dict[str, bytes]:
     fig, ax = plt.subplots(figsize=(7, 4))
     x = np.arange(len(rows))
     for offset, metric, label in ((-0.2, "dice", "Dice"), (0.2, "auc", "outcome AUC")):
-        values = [_value(scores[metric]) for _, _, scores in rows]
-        ax.bar(x + offset, [v or 0 for v in values], width=0.4, label=label)
+        values = [_value(scores[metric]) or 0 for _, _, scores in rows]
+        intervals = [(scores[metric] or {}).get("ci95") if isinstance(scores[metric], dict) else None
+                     for _, _, scores in rows]
+        errors = np.array([[v - i[0], i[1] - v] if i else [0, 0] for v, i in zip(values, intervals)]).T
+        ax.bar(x + offset, values, width=0.4, label=label, yerr=errors, capsize=3)
     ax.set_xticks(x, [label for label, _, _ in rows], rotation=20)
-    ax.set(ylim=(0, 1), title="Final scores on the shared evaluation set")
+    ax.set(ylim=(0, 1), title="Final models on all sites' test sets (95% CI)")
     ax.legend()
     figures["final_scores"] = png(fig)
     return figures

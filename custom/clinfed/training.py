@@ -245,15 +245,25 @@ def train_epochs(model: torch.nn.Module, loader: DataLoader, config: TrainConfig
     return {"loss": float(total) / max(scored, 1), "steps": steps, "aborted": False}
 
 
+OUTCOME_VARIANTS = ("fused", "ehr_zeroed", "image_zeroed")
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, config: TrainConfig | None = None) -> dict:
+def evaluate(model: torch.nn.Module, loader: DataLoader, config: TrainConfig | None = None,
+             per_case: bool = False) -> dict:
     """Mean Dice of the tumour class (MONAI DiceMetric, sliding-window inference at the study's
-    spacing) and outcome ROC AUC over the cases that have an outcome."""
+    spacing) and outcome ROC AUC over the cases that have an outcome.
+
+    ``per_case``: also each case's Dice (``case_dice``), and for the cases with an outcome their
+    outcome (``outcomes``) and the head's probability (``outcome_scores``) for each of
+    ``OUTCOME_VARIANTS``: the model as trained, with the EHR vector zeroed, and with the image
+    embedding zeroed (what each input adds), with their AUCs (``auc_<variant>``)."""
     config = config or TrainConfig()
     device = next(model.parameters()).device
     model.eval()
     dice = DiceMetric(include_background=False, reduction="mean", ignore_empty=False)
-    scores, outcomes = [], []
+    scores = {variant: [] for variant in OUTCOME_VARIANTS}
+    outcomes = []
     n = 0
     for batch in loader:
         image, label = batch["image"].to(device), batch["label"].to(device)
@@ -267,13 +277,27 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, config: TrainConfig | N
         if float(batch["has_outcome"][0]):
             # The outcome head sees the ROI patch centred on the predicted lesion, as in training's
             # positive patches (the volume's centre when nothing is predicted).
-            _, outcome_logit = model(_patch_around(image, seg_logits.argmax(1)[0], config.roi), ehr)
-            scores.append(float(torch.sigmoid(outcome_logit.float())[0]))
+            patch = _patch_around(image, seg_logits.argmax(1)[0], config.roi)
+            variants = {"fused": model(patch, ehr)[1]}
+            if per_case:
+                variants["ehr_zeroed"] = model(patch, torch.zeros_like(ehr))[1]
+                variants["image_zeroed"] = model(patch, ehr, zero_image=True)[1]
+            for variant, logit in variants.items():
+                scores[variant].append(float(torch.sigmoid(logit.float())[0]))
             outcomes.append(float(batch["outcome"][0]))
         n += image.shape[0]
     mean_dice = float(dice.aggregate().item()) if n else float("nan")
-    auc = float(roc_auc_score(outcomes, scores)) if len(set(outcomes)) == 2 else float("nan")
-    return {"dice": mean_dice, "auc": auc, "n": n}
+    result = {"dice": mean_dice, "auc": _auc(outcomes, scores["fused"]), "n": n}
+    if per_case:
+        result["case_dice"] = [float(v) for v in dice.get_buffer()[:, 0]] if n else []
+        result["outcomes"] = outcomes
+        result["outcome_scores"] = scores
+        result.update({f"auc_{variant}": _auc(outcomes, scores[variant]) for variant in OUTCOME_VARIANTS})
+    return result
+
+
+def _auc(outcomes: list[float], scores: list[float]) -> float:
+    return float(roc_auc_score(outcomes, scores)) if len(set(outcomes)) == 2 else float("nan")
 
 
 def _patch_around(image: torch.Tensor, mask: torch.Tensor, roi: tuple[int, int, int]) -> torch.Tensor:

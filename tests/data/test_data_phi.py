@@ -139,9 +139,11 @@ def test_full_demo_prints_writes_and_records_no_identifier(tmp_path):
     proc = subprocess.run([str(clinfed), "demo", "--quick", "--rounds", "1", "--out", str(out)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    sites = sorted(p for p in (out / "data").iterdir() if p.is_dir())
+    # The sites' input: their training data and their held-out test patients.
+    inputs = (out / "data", out / "test_data")
+    sites = sorted(p for folder in inputs for p in folder.iterdir() if p.is_dir())
     identifiers = set().union(*(identifiers_in_input(site) for site in sites))
-    assert len(sites) == 3 and len(identifiers) > 300
+    assert len(sites) == 6 and len(identifiers) > 300
     assert (out / "results.json").is_file() and (out / "ledger.sqlite").is_file()
     assert leaks_in_text(identifiers, proc.stdout + proc.stderr) == set()
-    assert leaks_in_tree(identifiers, out, skip=(out / "data",)) == {}
+    assert leaks_in_tree(identifiers, out, skip=inputs) == {}

@@ -196,3 +196,24 @@ def test_outcome_depends_on_both_lesion_image_and_ehr(cohort):
     assert p_value(ehr_only, null) < 0.05
     assert p_value(both, image_only) < 0.05  # EHR adds to the image
     assert p_value(both, ehr_only) < 0.05  # the image adds to the EHR
+
+
+def test_held_out_patients_are_other_patients_of_the_same_sites(three_sites, tmp_path):
+    """A site's test set: the same scanner and protocol, none of its training patients."""
+    held_out = synthesise(tmp_path, 3, 4, three_sites.truth["site-1"][0].volume.shape, 2, held_out=True)
+    for site in SITES:
+        train, test = three_sites.truth[site], held_out[site]
+        assert not {c.patient.mrn for c in train} & {c.patient.mrn for c in test}
+        assert not any(np.array_equal(a.volume, b.volume) for a in train for b in test)
+        assert {c.patient.age_at_study for c in train}.isdisjoint({c.patient.age_at_study for c in test})
+        headers = pydicom.dcmread(sorted(test[0].study_dir.glob("slice_*.dcm"))[0], stop_before_pixels=True)
+        assert headers.Modality == profile_for_site(SITES.index(site)).modality
+
+
+def test_lesions_are_darker_than_tissue_at_every_site_whatever_the_grade(three_sites):
+    """Scanner shifts change the scale, blur and contrast, never the sign of the lesion contrast."""
+    for index, site in enumerate(SITES):
+        tissue = profile_for_site(index).organ
+        for case in three_sites.truth[site]:
+            if case.label.any():
+                assert case.volume[case.label == 1].mean() < tissue, site

@@ -19,6 +19,7 @@ from clinfed.experiment import DemoConfig, federated_arm, ingest_cohorts
 from clinfed.report import round_line
 
 ROUNDS = int(ARGS[ARGS.index("--rounds") + 1])
+EPOCHS = ROUNDS * DemoConfig.quick().local_epochs  # every arm's budget
 ARMS = ["centralised", *(f"local-only {site}" for site in SITES), "federated"]
 # A line of FLARE's own console log format (``nvflare/fuel/utils/log_config.json``).
 FLARE_LOG_LINE = re.compile(r" - (INFO|WARNING|ERROR|DEBUG) - ")
@@ -36,14 +37,31 @@ def test_make_demo_prints_at_most_60_lines_and_none_of_flares_log(demo_run):
 
 
 def test_demo_shows_one_progress_line_per_arm_in_a_log(demo_run):
-    """stderr is a pipe here: each arm is one line when it is done. (--quick trains 1 local epoch a
-    round, so every arm's budget is ROUNDS epochs; federated: ROUNDS rounds.)"""
+    """stderr is a pipe here: each arm is one line when it is done (the federated arm counts rounds,
+    the others epochs: the same budget)."""
     lines = demo_run.stderr.splitlines()
     for arm in ARMS:
-        unit = "rounds" if arm == "federated" else "epochs"
+        unit, total = ("rounds", ROUNDS) if arm == "federated" else ("epochs", EPOCHS)
         mine = [line for line in lines if line.startswith(f"{arm}: ")]
         assert len(mine) == 1, (arm, lines)
-        assert re.fullmatch(rf"{re.escape(arm)}: {ROUNDS}/{ROUNDS} {unit} in \d+\.\d s", mine[0]), mine[0]
+        assert re.fullmatch(rf"{re.escape(arm)}: {total}/{total} {unit} in \d+\.\d s", mine[0]), mine[0]
+
+
+def test_demo_table_shows_test_set_scores_with_intervals_differences_and_outcome_ablations(demo_run):
+    results, shown = demo_run.results, demo_run.stdout
+    for label, scores in [("centralised", results["central"]), ("federated", results["federated"]),
+                          *((f"local-only {s}", results["local"][s]) for s in SITES)]:
+        dice = scores["dice"]
+        assert re.search(rf"^{re.escape(label)} +{dice['mean']:.3f} \[{dice['ci95'][0]:.3f}, {dice['ci95'][1]:.3f}\]",
+                         shown, re.M), label
+    for arm, by_site in results["site_arm"]["arms"].items():
+        assert re.search(rf"^{re.escape(arm)} +" + " +".join(f"{by_site[s]['dice']['mean']:.3f}" for s in SITES) + "$",
+                         shown, re.M), arm
+    difference = results["federated_minus_local"]["site-2"]["union"]
+    assert f"site-2 {difference['mean']:+.3f} [{difference['ci95'][0]:.3f}, {difference['ci95'][1]:.3f}]" in shown
+    federated = results["federated"]
+    assert (f"federated outcome AUC: fused {federated['auc']['mean']:.2f}" in shown
+            and f"image zeroed {federated['auc_image_zeroed']['mean']:.2f}" in shown)
 
 
 def test_on_a_terminal_an_arm_is_one_bar_redrawn_in_place():

@@ -77,8 +77,19 @@ def test_report_figures_are_those_of_results_json(demo_run, browser):
     # every arm's Dice and AUC, Dice per round and per site, the ledger's verification.
     expected = {pointer("config", key) for key in results["config"]}
     expected |= {pointer("ingestion", site, field) for site in SITES for field in ("usable", "excluded")}
-    expected |= {pointer(*arm, metric) for arm in [("central",), ("federated",), *(("local", s) for s in SITES)]
-                 for metric in ("dice", "auc")}
+    # Each arm on all test sets: Dice and the three outcome AUCs, each a mean and its interval.
+    expected |= {pointer(*arm, metric, *part) for arm in [("central",), ("federated",), *(("local", s) for s in SITES)]
+                 for metric in ("dice", "auc", "auc_ehr_zeroed", "auc_image_zeroed")
+                 for part in [("mean",), ("ci95", 0), ("ci95", 1)]}
+    # The site x arm table, the paired differences, the comparison rule and each site's profile.
+    expected |= {pointer("site_arm", "arms", arm, site, "dice", *part) for arm in results["site_arm"]["arms"]
+                 for site in SITES for part in [("mean",), ("ci95", 0), ("ci95", 1)]}
+    expected |= {pointer("federated_minus_local", site, where, *part) for site in SITES
+                 for where in ("union", "own_site", "other_sites") for part in [("mean",), ("ci95", 0), ("ci95", 1)]}
+    expected |= {pointer("comparison", key) for key in ("rule", "epochs_per_arm", "test_sets", "intervals")}
+    expected |= {pointer("comparison", "test_patients", site) for site in SITES}
+    expected |= {pointer("site_profiles", site, key) for site in SITES
+                 for key in ("modality", "tissue", "lesion", "noise_std", "blur_mm", "protocol")}
     for i, entry in enumerate(results["federated"]["per_round"]):
         expected |= {pointer("federated", "per_round", i, key) for key in ("round", "dice", "auc", "seconds")}
         expected |= {pointer("federated", "per_round", i, "site_dice", site) for site in entry["site_dice"]}
@@ -90,15 +101,10 @@ def test_report_figures_are_those_of_results_json(demo_run, browser):
     assert browser.find_element("css selector", "#no-spend").is_displayed()  # a non-private run spends nothing
 
 
-def test_report_shows_intervals_site_by_arm_table_and_spend_per_site_per_round(demo_run, browser, tmp_path):
-    """The quality and privacy sections the page is ready for: the same run's results with scores
-    as means and 95% intervals, a site x arm table, and DP spend per unit, site and round."""
+def test_report_shows_the_site_by_arm_table_and_spend_per_site_per_round(demo_run, browser, tmp_path):
+    """The run's site x arm table as a table a person reads, and, for the same results with DP
+    spend per unit, site and round, the spend tables."""
     results = copy.deepcopy(demo_run.results)
-    results["central"]["dice"] = {"mean": 0.81, "ci95": [0.77, 0.85]}
-    results["federated"]["auc"] = {"mean": 0.64, "ci95": [0.52, 0.75]}
-    results["site_arm"] = {"test_sets": SITES, "arms": {
-        arm: {site: {"dice": {"mean": 0.5 + i / 10 + j / 100, "ci95": [0.4 + i / 10, 0.6 + i / 10]}}
-              for j, site in enumerate(SITES)} for i, arm in enumerate(["central", "federated", "local site-1"])}}
     rounds = len(results["federated"]["per_round"])
     results["privacy"].update({
         "mode": "dp+mask", "target_epsilon": 8.0, "masked": True,
@@ -115,10 +121,11 @@ def test_report_shows_intervals_site_by_arm_table_and_spend_per_site_per_round(d
     for figure in figures:
         assert_shows(figure, results)
     shown = {f["pointer"] for f in figures}
-    assert {"/central/dice/mean", "/central/dice/ci95/0", "/central/dice/ci95/1", "/federated/auc/ci95/1"} <= shown
-    site_arm = driver.find_element("id", "site-arm-table").text
-    assert "local site-1" in site_arm and "0.600 [0.500, 0.700]" in site_arm  # federated on site-1
-    assert {pointer("site_arm", "arms", "federated", s, "dice", "ci95", 1) for s in SITES} <= shown
+    rows = driver.find_element("id", "site-arm-table").find_elements("css selector", "tr")
+    assert len(rows) == 1 + 2 + len(SITES)  # header, central, federated, each local-only
+    federated = results["site_arm"]["arms"]["federated"]["site-1"]["dice"]
+    cell = f"{federated['mean']:.3f} [{federated['ci95'][0]:.3f}, {federated['ci95'][1]:.3f}]"
+    assert cell in driver.find_element("id", "site-arm-table").text
     for unit in ("patient", "site"):
         table = driver.find_element("id", f"spend-{unit}")
         assert len(table.find_elements("css selector", "tr")) == 1 + rounds + 1  # header, rounds, total

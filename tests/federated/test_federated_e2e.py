@@ -11,7 +11,8 @@ from clinfed.ledger import LocalLedger
 
 # Three tiny non-IID sites (two CT scanners, one T1 MR; different scale, noise, spacing and lesion
 # size), four rounds of two epochs at lr 2e-3.
-TINY = DemoConfig(sites=3, patients=10, shape=(32, 32, 16), seed=3, rounds=4, local_epochs=2, lr=2e-3)
+TINY = DemoConfig(sites=3, patients=10, test_patients=6, shape=(32, 32, 16), seed=3, rounds=4, local_epochs=2,
+                  lr=2e-3)
 SITES = ["site-1", "site-2", "site-3"]
 # A site's pseudonymisation key is a random secret, and the train/validation split goes by keyed
 # pseudonym; fixed keys make the split the same on every run (two or three validation patients per site
@@ -29,14 +30,18 @@ def demo_run(tmp_path_factory):
     return out, results
 
 
+def _is_score(score, low=0.0, high=1.0) -> bool:
+    """A mean with its 95% interval around it, within [low, high]."""
+    lo, hi = score["ci95"]
+    return low <= lo <= score["mean"] <= hi <= high and score["n"] > 0
+
+
 def test_results_json_has_the_documented_schema(demo_run):
     out, results = demo_run
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
-    assert set(on_disk) >= {"config", "central", "local", "federated", "cross_site", "ledger"}
-    for arm in (on_disk["central"], on_disk["federated"], *on_disk["local"].values()):
-        assert isinstance(arm["dice"], float) and 0.0 <= arm["dice"] <= 1.0
-        assert arm["auc"] is None or 0.0 <= arm["auc"] <= 1.0
+    assert set(on_disk) >= {"config", "comparison", "site_profiles", "central", "local", "federated", "site_arm",
+                            "federated_minus_local", "cross_site", "ledger"}
     assert sorted(on_disk["local"]) == SITES
     rounds = on_disk["federated"]["per_round"]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
@@ -44,6 +49,36 @@ def test_results_json_has_the_documented_schema(demo_run):
         assert set(r) >= {"round", "dice", "auc", "seconds"} and r["seconds"] > 0
     assert (out / "dice_per_round.png").stat().st_size > 1000
     assert (out / "final_scores.png").stat().st_size > 1000
+
+
+def test_every_arm_is_scored_on_every_sites_held_out_test_set_with_intervals(demo_run):
+    out, results = demo_run
+    comparison = results["comparison"]
+    assert "same epoch budget" in comparison["rule"] and comparison["epochs_per_arm"] == TINY.total_epochs
+    tested = comparison["test_patients"]
+    assert sorted(tested) == SITES and all(0 < n <= TINY.test_patients for n in tested.values())
+    # The test patients are their own: generated apart, outside the data root the sites train from.
+    assert (out / "test_data").is_dir() and not (out / "data" / "test_data").exists()
+    arms = ["central", "federated", *(f"local-only {site}" for site in SITES)]
+    assert sorted(results["site_arm"]["arms"]) == sorted(arms) and results["site_arm"]["test_sets"] == SITES
+    for arm in arms:
+        for site in SITES:
+            score = results["site_arm"]["arms"][arm][site]["dice"]
+            assert _is_score(score) and score["n"] == tested[site], (arm, site, score)
+    union = sum(tested.values())
+    for scores in (results["central"], results["federated"], *results["local"].values()):
+        assert _is_score(scores["dice"]) and scores["dice"]["n"] == union
+        for key in ("auc", "auc_ehr_zeroed", "auc_image_zeroed"):
+            assert _is_score(scores[key]), (key, scores[key])
+    # The union's Dice is the patient-weighted mean of the per-site Dice.
+    per_site = results["site_arm"]["arms"]["federated"]
+    weighted = sum(per_site[s]["dice"]["mean"] * tested[s] for s in SITES) / union
+    assert abs(results["federated"]["dice"]["mean"] - weighted) < 1e-9
+    for site, difference in results["federated_minus_local"].items():
+        local = results["local"][site]["dice"]["mean"]
+        assert abs(difference["union"]["mean"] - (results["federated"]["dice"]["mean"] - local)) < 1e-9
+        assert _is_score(difference["union"], -1.0, 1.0) and _is_score(difference["own_site"], -1.0, 1.0)
+    assert results["site_profiles"]["site-3"]["protocol"]
 
 
 def test_global_model_improves_on_the_initial_one(demo_run):

@@ -1,7 +1,11 @@
 """What makes each synthetic hospital different (non-IID), and what one synthetic patient is.
 
-The profiles mimic the ways real sites differ: scanner and intensity scale, noise, voxel
-spacing, lesion size and count, share of high-grade tumours, lab units and diagnosis coding.
+The profiles mimic the ways real sites differ: modality and scanner, contrast phase (the HU
+of parenchyma and lesion), noise, voxel spacing and reconstruction blur, lesion contrast, lesion
+size and count, share of high-grade tumours, lab units and diagnosis coding. The liver sites
+differ enough that a model trained at one site loses on another's images (a local-only model of
+the portal-venous CT site reads the late-phase site's parenchyma as lesion, and vice versa),
+while the lesion is always darker than the parenchyma (same sign of contrast everywhere).
 Each shipped study has its own generator profile (:data:`STUDY_SITE_PROFILES`): the liver CT
 study (``clinfed-tumour-seg``) and the brain MR study (``brain-mr-tumour``: a head phantom with
 ring-enhancing lesions, broad research consents, WHO grade under LOINC 21858-5 in a local code
@@ -27,7 +31,7 @@ class SiteProfile:
     # Tissue values in stored units after rescale (HU for CT, arbitrary for MR).
     background: float
     organ: float
-    lesion_contrast: float  # lesion = organ + lesion_contrast * (1 + grade effect)
+    lesion_contrast: float  # lesion = organ + lesion_contrast * (1 + grade effect); never changes sign
     noise_std: float
     lesion_radius_frac: tuple[float, float]  # lesion radius as a fraction of the smallest side
     lesion_count: tuple[int, int]  # inclusive range
@@ -44,6 +48,8 @@ class SiteProfile:
     sodium_unit: str = "mmol/L"  # brain study labs: mmol/L or meq/L
     crp_unit: str = "mg/L"  # mg/L or mg/dL
     bias_field: float = 0.0  # MR receive-coil intensity drift across the field of view (brain)
+    blur_mm: float = 0.0  # reconstruction kernel / resolution: Gaussian sigma in mm, before the noise
+    protocol: str = ""  # one line for the demo's report: what this site's scanner and protocol are like
 
     def __post_init__(self):
         if not self.mrn_system:
@@ -56,19 +62,26 @@ SITE_PROFILES: tuple[SiteProfile, ...] = (
         background=-80.0, organ=60.0, lesion_contrast=-45.0, noise_std=12.0,
         lesion_radius_frac=(0.14, 0.26), lesion_count=(1, 2), high_grade_bias=0.0,
         glucose_unit="mg/dL", creatinine_unit="mg/dL", diagnosis_system="snomed",
+        protocol="CT, unenhanced-like phase (parenchyma 60 HU, lesion 15 HU), sharp kernel, 2.5 mm slices, "
+                 "1-2 lesions",
     ),
     SiteProfile(
         name="site-2", modality="MR", manufacturer="Philips", spacing_mm=(1.0, 1.0, 1.0),
         # T1-weighted: the lesion is hypointense, as on the CT sites, but on another scale and noise.
         background=100.0, organ=450.0, lesion_contrast=-170.0, noise_std=40.0,
         lesion_radius_frac=(0.12, 0.22), lesion_count=(1, 3), high_grade_bias=0.6,
-        glucose_unit="mmol/L", creatinine_unit="umol/L", diagnosis_system="icd10",
+        glucose_unit="mmol/L", creatinine_unit="umol/L", diagnosis_system="icd10", blur_mm=0.8,
+        protocol="T1 MR (arbitrary units, z-scored), hypointense lesions, 1 mm isotropic, mild blur, up to 3 lesions",
     ),
     SiteProfile(
         name="site-3", modality="CT", manufacturer="GE", spacing_mm=(0.7, 0.7, 5.0),
-        background=-100.0, organ=55.0, lesion_contrast=-35.0, noise_std=20.0,
-        lesion_radius_frac=(0.18, 0.30), lesion_count=(1, 1), high_grade_bias=-0.6,
-        glucose_unit="mmol/L", creatinine_unit="mg/dL", diagnosis_system="snomed",
+        # Portal-venous phase: the enhanced parenchyma is brighter than site-1's, and its lesions
+        # are about as bright as site-1's parenchyma.
+        background=-100.0, organ=115.0, lesion_contrast=-50.0, noise_std=22.0,
+        lesion_radius_frac=(0.20, 0.32), lesion_count=(1, 1), high_grade_bias=-0.6,
+        glucose_unit="mmol/L", creatinine_unit="mg/dL", diagnosis_system="snomed", blur_mm=1.5,
+        protocol="CT, portal-venous phase (parenchyma 115 HU, lesion 65 HU), soft kernel (blur 1.5 mm), "
+                 "5 mm slices, noisier, large single lesions",
     ),
 )
 
@@ -81,6 +94,7 @@ BRAIN_SITE_PROFILES: tuple[SiteProfile, ...] = (
         lesion_radius_frac=(3.6, 8.4), lesion_count=(1, 1), high_grade_bias=0.3,
         glucose_unit="mmol/L", creatinine_unit="umol/L", diagnosis_system="snomed",
         anatomy="brain", body_part="BRAIN", series_description="T1 MPRAGE post-contrast", bias_field=0.10,
+        protocol="3D T1 MPRAGE post-contrast, 1 mm isotropic, mild coil bias, single lesions",
     ),
     SiteProfile(
         name="site-2", modality="MR", manufacturer="GE", spacing_mm=(0.9, 0.9, 1.2),
@@ -89,6 +103,7 @@ BRAIN_SITE_PROFILES: tuple[SiteProfile, ...] = (
         glucose_unit="mmol/L", creatinine_unit="umol/L", diagnosis_system="icd10",
         anatomy="brain", body_part="BRAIN", series_description="Ax T1 BRAVO +C", sodium_unit="meq/L",
         crp_unit="mg/dL", bias_field=0.20,
+        protocol="Ax T1 BRAVO post-contrast, about twice the signal scale and noise, strong coil bias, up to 2 lesions",
     ),
     SiteProfile(
         name="site-3", modality="MR", manufacturer="Philips", spacing_mm=(1.1, 1.1, 1.0),
@@ -96,6 +111,7 @@ BRAIN_SITE_PROFILES: tuple[SiteProfile, ...] = (
         lesion_radius_frac=(4.5, 8.4), lesion_count=(1, 1), high_grade_bias=0.6,
         glucose_unit="mmol/L", creatinine_unit="umol/L", diagnosis_system="snomed",
         anatomy="brain", body_part="BRAIN", series_description="T1W_3D_TFE gd", bias_field=0.05,
+        protocol="T1W 3D TFE gadolinium, low signal scale, quiet coil, larger single lesions",
     ),
 )
 """Brain study sites; ``lesion_radius_frac`` is the lesion radius in mm here (0.2-2.5 ml)."""

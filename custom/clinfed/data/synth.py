@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.uid import generate_uid
+from scipy import ndimage
 
 from clinfed.data.profiles import STUDY_ID, SiteProfile, SyntheticPatient, profile_for_site
 from clinfed.data.synth_dicom import write_seg, write_series
@@ -75,7 +76,11 @@ def _volume_and_label(rng: np.random.Generator, shape: tuple[int, int, int], pro
 
     volume = np.full(shape, profile.background, dtype=np.float32)
     volume[organ] = profile.organ
-    volume[label == 1] = profile.organ + profile.lesion_contrast * (1.0 + 0.35 * enhancement)
+    # The grade effect strengthens or weakens the lesion's contrast, never flips its sign.
+    volume[label == 1] = profile.organ + profile.lesion_contrast * max(0.3, 1.0 + 0.35 * enhancement)
+    if profile.blur_mm:  # the scanner's resolution: blur the object, then add the noise
+        sigma = [profile.blur_mm / s for s in profile.spacing_mm]
+        volume = ndimage.gaussian_filter(volume, sigma, mode="nearest")
     volume += rng.normal(0.0, profile.noise_std, size=shape).astype(np.float32)
     if profile.modality == "MR":
         np.maximum(volume, 0.0, out=volume)  # MR magnitude images are never negative
@@ -158,9 +163,10 @@ def _patient(rng: np.random.Generator, profile: SiteProfile, site_index: int, in
 
 def synthesise_site(site_dir: Path, profile: SiteProfile, site_index: int, n_patients: int,
                     shape: tuple[int, int, int], seed: int, study_id: str = STUDY_ID,
-                    progress=None) -> list[SyntheticCase]:
-    """Write one site's DICOM studies, SEGs, FHIR export and pseudonymisation key."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, site_index]))
+                    progress=None, held_out: bool = False) -> list[SyntheticCase]:
+    """Write one site's DICOM studies, SEGs, FHIR export and pseudonymisation key. ``held_out``:
+    other patients of the same site (a random stream of their own), for a test set."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, site_index, *([1] if held_out else [])]))
     site_dir.mkdir(parents=True, exist_ok=True)
     key_path = site_dir / SECRET_FILE_NAME
     if not key_path.exists():
@@ -203,12 +209,13 @@ def synthesise_site(site_dir: Path, profile: SiteProfile, site_index: int, n_pat
 
 
 def synthesise(out_dir: Path, n_sites: int, n_patients: int, shape: tuple[int, int, int], seed: int,
-               study_id: str = STUDY_ID, progress=None) -> dict[str, list[SyntheticCase]]:
+               study_id: str = STUDY_ID, progress=None, held_out: bool = False) -> dict[str, list[SyntheticCase]]:
     """Write ``n_sites`` non-IID sites of ``study_id``'s generator profile under ``out_dir``;
-    returns the ground truth per site name."""
+    returns the ground truth per site name. ``held_out``: each site's test patients instead
+    (same profiles, other patients)."""
     out = {}
     for s in range(n_sites):
         profile = profile_for_site(s, study_id)
         out[profile.name] = synthesise_site(out_dir / profile.name, profile, s, n_patients, shape,
-                                            seed, study_id, progress)
+                                            seed, study_id, progress, held_out)
     return out

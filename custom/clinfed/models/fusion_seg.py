@@ -41,7 +41,10 @@ class FusionSegNet(nn.Module):
         self.outcome_head = nn.Sequential(
             nn.Linear(features[4] + 2 + ehr_features, 32), nn.LeakyReLU(0.1), nn.Linear(32, 1))
 
-    def forward(self, image: torch.Tensor, ehr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor, ehr: torch.Tensor,
+                zero_image: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segmentation logits and the outcome logit. ``zero_image``: the outcome head sees a zero
+        image embedding (an ablation: what the EHR alone gives the same head)."""
         u = self.unet
         x0 = u.conv_0(image)
         x1 = u.down_1(x0)
@@ -50,8 +53,12 @@ class FusionSegNet(nn.Module):
         x4 = u.down_4(x3)
         seg_logits = u.final_conv(u.upcat_1(u.upcat_2(u.upcat_3(u.upcat_4(x4, x3), x2), x1), x0))
 
-        tumour = torch.softmax(seg_logits, dim=1)[:, 1:2]
+        # The head reads the segmenter's features without training them: the outcome loss on a few
+        # dozen patients must not bend the segmentation (and a lesion grown to signal "high grade").
+        tumour = torch.softmax(seg_logits.detach(), dim=1)[:, 1:2]
         lesion_fraction = tumour.mean(dim=(2, 3, 4))
         lesion_intensity = (tumour * image).sum(dim=(2, 3, 4)) / (tumour.sum(dim=(2, 3, 4)) + 1.0)
-        embedding = torch.cat([x4.mean(dim=(2, 3, 4)), lesion_fraction * 10.0, lesion_intensity, ehr], dim=1)
-        return seg_logits, self.outcome_head(embedding).squeeze(1)
+        image_embedding = torch.cat([x4.detach().mean(dim=(2, 3, 4)), lesion_fraction * 10.0, lesion_intensity], dim=1)
+        if zero_image:
+            image_embedding = torch.zeros_like(image_embedding)
+        return seg_logits, self.outcome_head(torch.cat([image_embedding, ehr], dim=1)).squeeze(1)
