@@ -44,7 +44,7 @@ from scipy.stats import t as student_t
 
 from clinfed.evaluation.cohorts import public_anatomy_set, synthetic_sites
 from clinfed.evaluation.federation import Recipe, train_central, train_federated
-from clinfed.training import TrainConfig, evaluate, make_loader, state_to_numpy
+from clinfed.training import evaluate, make_loader, state_to_numpy
 
 GOAL_RATIO = 0.90
 # Share of generated patients that ingestion keeps (the generator leaves about 15% without an
@@ -105,7 +105,8 @@ class Bench:
                                      seed=1)
         self.test = [c for cases in test_sites.values() for c in cases]
         self.public = public_anatomy_set(data / "public", n_patients=args.public_patients, shape=args.shape, seed=2)
-        self.test_loader = make_loader(self.test, TrainConfig(batch_size=8, roi=args.roi), train=False)
+        self.eval_config = Recipe(roi=args.roi).train_config()  # the demo study's spacing and normalisation
+        self.test_loader = make_loader(self.test, self.eval_config, train=False)
         self._pretrained: dict | None = None
         self.seconds: dict[str, float] = {}
 
@@ -113,7 +114,7 @@ class Bench:
         return {site: cases[:n] for site, cases in self.sites.items()}
 
     def dice(self, model) -> float:
-        return evaluate(model, self.test_loader)["dice"]
+        return evaluate(model, self.test_loader, self.eval_config)["dice"]
 
     def _timed(self, key: str, fn):
         started = time.perf_counter()
