@@ -86,6 +86,7 @@ def lever_steps(args, n: int) -> list[tuple[str, dict]]:
         ("pretrained on the public set", {"pretrained": True}),
         ("train fewer parameters (decoder + norms)", {"dp_trainable": "decoder"}),
         ("train fewer parameters (norms + head)", {"dp_trainable": "norm+head"}),
+        (f"DP-Adam lr {args.dp_lr:g} (few parameters take larger steps)", {"lr": args.dp_lr}),
         ("augmentation multiplicity 2", {"dp_augmentation_multiplicity": 2}),
         ("per-layer clipping", {"dp_clipping": "per_layer"}),
         ("DP-SGD (momentum 0.9, lr 0.05) instead of DP-Adam", {"optimizer": "sgd", "lr": 0.05}),
@@ -103,7 +104,7 @@ class Bench:
             raise SystemExit(f"too few usable patients for {max(args.sizes)} per site: {short}")
         test_sites = synthetic_sites(data / "test", n_sites=3, n_patients=args.test_patients, shape=args.shape,
                                      seed=1)
-        self.test = [c for cases in test_sites.values() for c in cases]
+        self.test = [c for cases in test_sites.values() for c in cases[:args.test_per_site]]
         self.public = public_anatomy_set(data / "public", n_patients=args.public_patients, shape=args.shape, seed=2)
         self.eval_config = Recipe(roi=args.roi).train_config()  # the demo study's spacing and normalisation
         self.test_loader = make_loader(self.test, self.eval_config, train=False)
@@ -176,6 +177,8 @@ def main() -> None:
     parser.add_argument("--generated-per-site", type=int, help="patients generated per site (default: enough for "
                         "the largest size); the first --sizes usable ones train")
     parser.add_argument("--test-patients", type=int, default=40, help="generated test patients per site")
+    parser.add_argument("--test-per-site", type=int, help="usable test patients per site evaluated (default: all)")
+    parser.add_argument("--no-grid", action="store_true", help="only the lever table (run it beside a grid run)")
     parser.add_argument("--public-patients", type=int, default=300, help="generated public-set patients")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -183,8 +186,9 @@ def main() -> None:
     bench = Bench(args)
 
     results: dict = {"sizes": {}, "levers": None}
-    for n in args.sizes:
+    for n in [] if args.no_grid else args.sizes:
         row: dict = {}
+        results["sizes"][str(n)] = row
         row["central"] = mean_ci([bench.central(n, s) for s in args.seeds])
         plain = product_recipe(args, batch_size=args.nonprivate_batch)
         row["federated"] = mean_ci([bench.federated(n, plain, s, pretrained=False, key="federated")["dice"]
@@ -210,7 +214,7 @@ def main() -> None:
                 "seeds": seeds,
                 "epsilon_spent_max": max(r["epsilon"] for r in runs), "recipe": recipe.describe(),
                 "pretrained": pretrained}
-        results["sizes"][str(n)] = row
+            _save(results, args, bench, started, complete=False)
 
     if not args.no_levers:
         n = args.lever_size or max(args.sizes)
@@ -226,9 +230,18 @@ def main() -> None:
                           None if previous is None else dice["mean"] - previous, "recipe": recipe.describe(),
                           "pretrained": pretrained})
             previous = dice["mean"]
-        results["levers"] = {"size": n, "epsilon": 8.0, "rows": table}
+            results["levers"] = {"size": n, "epsilon": 8.0, "rows": table}
+            _save(results, args, bench, started, complete=False)
 
-    largest = results["sizes"][str(max(args.sizes))]
+    _save(results, args, bench, started, complete=True)
+    _plot(results, args.out / "dp_utility.png")
+    print((args.out / "dp_utility.json").read_text())
+
+
+def _save(results: dict, args, bench: Bench, started: float, *, complete: bool) -> None:
+    """Write ``dp_utility.json`` (after each cohort and lever row too: a long run stopped early keeps
+    what it measured, marked ``complete: false``)."""
+    largest = results["sizes"].get(str(max(args.sizes)), {"dp": {}})
     at_eight = largest["dp"].get("8.0")
     results["goal"] = {"size": max(args.sizes), "epsilon": 8.0, "target_ratio": GOAL_RATIO,
                        "ratio": at_eight and at_eight["ratio_to_best_nonprivate_federated"]["mean"],
@@ -239,10 +252,8 @@ def main() -> None:
                        "public_patients": len(bench.public)}
     results["seconds"] = {**bench.seconds, "total": time.perf_counter() - started}
     results["png"] = str(args.out / "dp_utility.png")
-    text = json.dumps(results, indent=2)
-    (args.out / "dp_utility.json").write_text(text)  # kept even if plotting fails
-    _plot(results, args.out / "dp_utility.png")
-    print(text)
+    results["complete"] = complete
+    (args.out / "dp_utility.json").write_text(json.dumps(results, indent=2))
 
 
 def _model_from(state: dict):
