@@ -180,8 +180,17 @@ def main() -> None:
     parser.add_argument("--test-per-site", type=int, help="usable test patients per site evaluated (default: all)")
     parser.add_argument("--no-grid", action="store_true", help="only the lever table (run it beside a grid run)")
     parser.add_argument("--public-patients", type=int, default=300, help="generated public-set patients")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="instead of running: pool the seeds of these dp_utility.json files (runs of the same "
+                             "settings split over processes) into --out's dp_utility.json and PNG")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        merged = merge_runs([json.loads(path.read_text()) for path in args.merge], [str(p) for p in args.merge])
+        (args.out / "dp_utility.json").write_text(json.dumps(merged, indent=2))
+        _plot(merged, args.out / "dp_utility.png")
+        print(json.dumps(merged, indent=2))
+        return
     started = time.perf_counter()
     bench = Bench(args)
 
@@ -254,6 +263,61 @@ def _save(results: dict, args, bench: Bench, started: float, *, complete: bool) 
     results["png"] = str(args.out / "dp_utility.png")
     results["complete"] = complete
     (args.out / "dp_utility.json").write_text(json.dumps(results, indent=2))
+
+
+def merge_runs(runs: list[dict], names: list[str]) -> dict:
+    """One result from runs that differ only in their seeds: every arm's per-seed values pooled
+    (means and intervals recomputed), the lever rows matched by name, the seconds summed."""
+    settings = [{k: v for k, v in run["config"].items() if k not in _PER_RUN} for run in runs]
+    if any(s != settings[0] for s in settings):
+        raise SystemExit(f"--merge: the runs differ in more than {', '.join(_PER_RUN)}")
+
+    def pooled(items: list[dict]) -> dict:
+        return mean_ci([v for item in items for v in item["values"]])
+
+    sizes: dict = {}
+    for run in runs:
+        for size, row in run["sizes"].items():
+            sizes.setdefault(size, []).append(row)
+    merged_sizes = {}
+    for size, rows in sorted(sizes.items(), key=lambda item: int(item[0])):
+        merged = {arm: pooled([r[arm] for r in rows]) for arm in ("central", "federated", "federated_pretrained")}
+        merged["public_only"] = rows[0]["public_only"]  # one pretraining, shared by every run
+        merged["dp"] = {}
+        for epsilon in sorted({e for r in rows for e in r["dp"]}, key=float):
+            parts = [r["dp"][epsilon] for r in rows if epsilon in r["dp"]]
+            merged["dp"][epsilon] = {**parts[0], "seeds": [s for part in parts for s in part["seeds"]],
+                                     "epsilon_spent_max": max(part["epsilon_spent_max"] for part in parts),
+                                     **{k: pooled([part[k] for part in parts]) for k in (
+                                         "dice", "ratio_to_best_nonprivate_federated", "ratio_to_federated")}}
+        merged_sizes[size] = merged
+    levers = None
+    lever_runs = [run["levers"] for run in runs if run["levers"]]
+    if lever_runs:
+        rows, previous = [], None
+        for row in lever_runs[0]["rows"]:
+            parts = [r for run in lever_runs for r in run["rows"] if r["lever"] == row["lever"]]
+            dice = pooled([part["dice"] for part in parts])
+            rows.append({**row, "dice": dice,
+                         "change_from_previous": None if previous is None else dice["mean"] - previous})
+            previous = dice["mean"]
+        levers = {**lever_runs[0], "rows": rows}
+    largest = merged_sizes.get(str(max(int(s) for s in merged_sizes)), {"dp": {}}) if merged_sizes else {"dp": {}}
+    at_eight = largest["dp"].get("8.0")
+    ratio = at_eight and at_eight["ratio_to_best_nonprivate_federated"]["mean"]
+    seconds: dict = {}
+    for run in runs:
+        for key, value in run["seconds"].items():
+            seconds[key] = seconds.get(key, 0.0) + value
+    return {"sizes": merged_sizes, "levers": levers,
+            "goal": {"size": max((int(s) for s in merged_sizes), default=None), "epsilon": 8.0,
+                     "target_ratio": GOAL_RATIO, "ratio": ratio, "met": bool(ratio and ratio >= GOAL_RATIO)},
+            "merged_from": names, "configs": [run["config"] for run in runs], "data": runs[0]["data"],
+            "seconds_summed_over_runs": seconds, "complete": all(run["complete"] for run in runs)}
+
+
+# Settings in which runs to be merged may differ.
+_PER_RUN = ("out", "epsilons", "seeds", "curve_seeds", "lever_seeds", "sizes", "no_grid", "no_levers", "lever_size", "merge")
 
 
 def _model_from(state: dict):
