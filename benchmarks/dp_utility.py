@@ -342,6 +342,9 @@ def _plot(results: dict, path: Path) -> None:
         curve.axhline(max(row["federated"]["mean"], row["federated_pretrained"]["mean"]), color=line.get_color(),
                       linestyle="--", label=f"non-private federated, {size}/site")
         curve.axhline(row["central"]["mean"], color=line.get_color(), linestyle=":", label=f"central, {size}/site")
+    if results["sizes"]:
+        public = next(iter(results["sizes"].values()))["public_only"]["mean"]
+        curve.axhline(public, color="grey", linestyle="-.", label="public-set model alone (no site data)")
     curve.set_xscale("log")
     curve.set_xlabel("epsilon per site (delta 1e-5)")
     curve.set_ylabel("test Dice (mean over seeds)")
