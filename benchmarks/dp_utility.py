@@ -8,9 +8,14 @@ table as bars) beside the data in ``--out``.
 
     # the full grid (a GPU or a big machine; hours on 2 CPU cores):
     .venv/bin/python benchmarks/dp_utility.py --out dp_utility_out
-    # what was run on the 2-core machine (see README, "Measured privacy"):
-    .venv/bin/python benchmarks/dp_utility.py --out dp_utility_out --sizes 300 --epsilons 1 3 8 inf \\
-        --roi 16,16,16 --shape 32,32,16 --epochs 2 --nonprivate-batch 8 --seeds 0 1 2 --curve-seeds 0 --lever-size 100 --lever-seeds 0
+    # what was run on the 2-core machine (README, "Measured privacy"): one process per seed and
+    # one per lever seed, sharing the data and the public-set model (symlinked), then merged:
+    S="--roi 16,16,16 --shape 32,32,16 --epochs 2 --nonprivate-batch 8 --dp-lr 1e-2 --pretrain-epochs 4 \\
+       --test-per-site 20 --generated-per-site 375"
+    .venv/bin/python benchmarks/dp_utility.py --out run-s0 --sizes 300 --seeds 0 --epsilons 8 3 1 inf --no-levers $S
+    .venv/bin/python benchmarks/dp_utility.py --out run-small --sizes 24 100 --seeds 0 1 --no-levers $S
+    .venv/bin/python benchmarks/dp_utility.py --out run-levers-s0 --no-grid --sizes 300 --lever-seeds 0 $S
+    .venv/bin/python benchmarks/dp_utility.py --out merged --merge run-*/dp_utility.json
 
 Arms (every federated arm is :func:`clinfed.evaluation.federation.train_federated`: the product's
 training code and ``SiteDPSGD``, FedAvg in-process; the same ``--epochs`` per site for every arm):
