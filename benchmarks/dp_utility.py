@@ -84,8 +84,10 @@ def product_recipe(args, batch_size: int = 2) -> Recipe:
 def lever_steps(args, n: int) -> list[tuple[str, dict]]:
     """The cumulative ablation: each lever as the fields it changes in the recipe."""
     big_batch = min(64, n)
+    product = product_recipe(args)
     return [
-        ("product DP recipe (batch 2, 4 rounds, all parameters, DP-Adam)", {}),
+        (f"product DP recipe (batch 2, {product.rounds} rounds x {product.local_epochs} epochs, all parameters, "
+         "DP-Adam)", {}),
         (f"larger expected Poisson batch ({big_batch})", {"batch_size": big_batch}),
         ("fewer, longer rounds (1 round)", {"rounds": 1, "local_epochs": args.epochs}),
         ("pretrained on the public set", {"pretrained": True}),
