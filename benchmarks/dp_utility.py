@@ -8,9 +8,14 @@ table as bars) beside the data in ``--out``.
 
     # the full grid (a GPU or a big machine; hours on 2 CPU cores):
     .venv/bin/python benchmarks/dp_utility.py --out dp_utility_out
-    # what was run on the 2-core machine (see README, "Measured privacy"):
-    .venv/bin/python benchmarks/dp_utility.py --out dp_utility_out --sizes 300 --epsilons 1 3 8 inf \\
-        --roi 16,16,16 --shape 32,32,16 --epochs 2 --nonprivate-batch 8 --seeds 0 1 2 --curve-seeds 0 --lever-size 100 --lever-seeds 0
+    # what was run on the 2-core machine (README, "Measured privacy"): one process per seed and
+    # one per lever seed, sharing the data and the public-set model (symlinked), then merged:
+    S="--roi 16,16,16 --shape 32,32,16 --epochs 2 --nonprivate-batch 8 --dp-lr 1e-2 --pretrain-epochs 4 \\
+       --test-per-site 20 --generated-per-site 375"
+    .venv/bin/python benchmarks/dp_utility.py --out run-s0 --sizes 300 --seeds 0 --epsilons 8 3 1 inf --no-levers $S
+    .venv/bin/python benchmarks/dp_utility.py --out run-small --sizes 24 100 --seeds 0 1 --no-levers $S
+    .venv/bin/python benchmarks/dp_utility.py --out run-levers-s0 --no-grid --sizes 300 --lever-seeds 0 $S
+    .venv/bin/python benchmarks/dp_utility.py --out merged --merge run-*/dp_utility.json
 
 Arms (every federated arm is :func:`clinfed.evaluation.federation.train_federated`: the product's
 training code and ``SiteDPSGD``, FedAvg in-process; the same ``--epochs`` per site for every arm):
@@ -44,7 +49,7 @@ from scipy.stats import t as student_t
 
 from clinfed.evaluation.cohorts import public_anatomy_set, synthetic_sites
 from clinfed.evaluation.federation import Recipe, train_central, train_federated
-from clinfed.training import TrainConfig, evaluate, make_loader, state_to_numpy
+from clinfed.training import evaluate, make_loader, state_to_numpy
 
 GOAL_RATIO = 0.90
 # Share of generated patients that ingestion keeps (the generator leaves about 15% without an
@@ -79,13 +84,16 @@ def product_recipe(args, batch_size: int = 2) -> Recipe:
 def lever_steps(args, n: int) -> list[tuple[str, dict]]:
     """The cumulative ablation: each lever as the fields it changes in the recipe."""
     big_batch = min(64, n)
+    product = product_recipe(args)
     return [
-        ("product DP recipe (batch 2, 4 rounds, all parameters, DP-Adam)", {}),
+        (f"product DP recipe (batch 2, {product.rounds} rounds x {product.local_epochs} epochs, all parameters, "
+         "DP-Adam)", {}),
         (f"larger expected Poisson batch ({big_batch})", {"batch_size": big_batch}),
         ("fewer, longer rounds (1 round)", {"rounds": 1, "local_epochs": args.epochs}),
         ("pretrained on the public set", {"pretrained": True}),
         ("train fewer parameters (decoder + norms)", {"dp_trainable": "decoder"}),
         ("train fewer parameters (norms + head)", {"dp_trainable": "norm+head"}),
+        (f"DP-Adam lr {args.dp_lr:g} (few parameters take larger steps)", {"lr": args.dp_lr}),
         ("augmentation multiplicity 2", {"dp_augmentation_multiplicity": 2}),
         ("per-layer clipping", {"dp_clipping": "per_layer"}),
         ("DP-SGD (momentum 0.9, lr 0.05) instead of DP-Adam", {"optimizer": "sgd", "lr": 0.05}),
@@ -103,9 +111,10 @@ class Bench:
             raise SystemExit(f"too few usable patients for {max(args.sizes)} per site: {short}")
         test_sites = synthetic_sites(data / "test", n_sites=3, n_patients=args.test_patients, shape=args.shape,
                                      seed=1)
-        self.test = [c for cases in test_sites.values() for c in cases]
+        self.test = [c for cases in test_sites.values() for c in cases[:args.test_per_site]]
         self.public = public_anatomy_set(data / "public", n_patients=args.public_patients, shape=args.shape, seed=2)
-        self.test_loader = make_loader(self.test, TrainConfig(batch_size=8, roi=args.roi), train=False)
+        self.eval_config = Recipe(roi=args.roi).train_config()  # the demo study's spacing and normalisation
+        self.test_loader = make_loader(self.test, self.eval_config, train=False)
         self._pretrained: dict | None = None
         self.seconds: dict[str, float] = {}
 
@@ -113,7 +122,7 @@ class Bench:
         return {site: cases[:n] for site, cases in self.sites.items()}
 
     def dice(self, model) -> float:
-        return evaluate(model, self.test_loader)["dice"]
+        return evaluate(model, self.test_loader, self.eval_config)["dice"]
 
     def _timed(self, key: str, fn):
         started = time.perf_counter()
@@ -175,15 +184,27 @@ def main() -> None:
     parser.add_argument("--generated-per-site", type=int, help="patients generated per site (default: enough for "
                         "the largest size); the first --sizes usable ones train")
     parser.add_argument("--test-patients", type=int, default=40, help="generated test patients per site")
+    parser.add_argument("--test-per-site", type=int, help="usable test patients per site evaluated (default: all)")
+    parser.add_argument("--no-grid", action="store_true", help="only the lever table (run it beside a grid run)")
     parser.add_argument("--public-patients", type=int, default=300, help="generated public-set patients")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="instead of running: pool the seeds of these dp_utility.json files (runs of the same "
+                             "settings split over processes) into --out's dp_utility.json and PNG")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        merged = merge_runs([json.loads(path.read_text()) for path in args.merge], [str(p) for p in args.merge])
+        (args.out / "dp_utility.json").write_text(json.dumps(merged, indent=2))
+        _plot(merged, args.out / "dp_utility.png")
+        print(json.dumps(merged, indent=2))
+        return
     started = time.perf_counter()
     bench = Bench(args)
 
     results: dict = {"sizes": {}, "levers": None}
-    for n in args.sizes:
+    for n in [] if args.no_grid else args.sizes:
         row: dict = {}
+        results["sizes"][str(n)] = row
         row["central"] = mean_ci([bench.central(n, s) for s in args.seeds])
         plain = product_recipe(args, batch_size=args.nonprivate_batch)
         row["federated"] = mean_ci([bench.federated(n, plain, s, pretrained=False, key="federated")["dice"]
@@ -209,7 +230,7 @@ def main() -> None:
                 "seeds": seeds,
                 "epsilon_spent_max": max(r["epsilon"] for r in runs), "recipe": recipe.describe(),
                 "pretrained": pretrained}
-        results["sizes"][str(n)] = row
+            _save(results, args, bench, started, complete=False)
 
     if not args.no_levers:
         n = args.lever_size or max(args.sizes)
@@ -225,9 +246,18 @@ def main() -> None:
                           None if previous is None else dice["mean"] - previous, "recipe": recipe.describe(),
                           "pretrained": pretrained})
             previous = dice["mean"]
-        results["levers"] = {"size": n, "epsilon": 8.0, "rows": table}
+            results["levers"] = {"size": n, "epsilon": 8.0, "rows": table}
+            _save(results, args, bench, started, complete=False)
 
-    largest = results["sizes"][str(max(args.sizes))]
+    _save(results, args, bench, started, complete=True)
+    _plot(results, args.out / "dp_utility.png")
+    print((args.out / "dp_utility.json").read_text())
+
+
+def _save(results: dict, args, bench: Bench, started: float, *, complete: bool) -> None:
+    """Write ``dp_utility.json`` (after each cohort and lever row too: a long run stopped early keeps
+    what it measured, marked ``complete: false``)."""
+    largest = results["sizes"].get(str(max(args.sizes)), {"dp": {}})
     at_eight = largest["dp"].get("8.0")
     results["goal"] = {"size": max(args.sizes), "epsilon": 8.0, "target_ratio": GOAL_RATIO,
                        "ratio": at_eight and at_eight["ratio_to_best_nonprivate_federated"]["mean"],
@@ -238,10 +268,63 @@ def main() -> None:
                        "public_patients": len(bench.public)}
     results["seconds"] = {**bench.seconds, "total": time.perf_counter() - started}
     results["png"] = str(args.out / "dp_utility.png")
-    text = json.dumps(results, indent=2)
-    (args.out / "dp_utility.json").write_text(text)  # kept even if plotting fails
-    _plot(results, args.out / "dp_utility.png")
-    print(text)
+    results["complete"] = complete
+    (args.out / "dp_utility.json").write_text(json.dumps(results, indent=2))
+
+
+def merge_runs(runs: list[dict], names: list[str]) -> dict:
+    """One result from runs that differ only in their seeds: every arm's per-seed values pooled
+    (means and intervals recomputed), the lever rows matched by name, the seconds summed."""
+    settings = [{k: v for k, v in run["config"].items() if k not in _PER_RUN} for run in runs]
+    if any(s != settings[0] for s in settings):
+        raise SystemExit(f"--merge: the runs differ in more than {', '.join(_PER_RUN)}")
+
+    def pooled(items: list[dict]) -> dict:
+        return mean_ci([v for item in items for v in item["values"]])
+
+    sizes: dict = {}
+    for run in runs:
+        for size, row in run["sizes"].items():
+            sizes.setdefault(size, []).append(row)
+    merged_sizes = {}
+    for size, rows in sorted(sizes.items(), key=lambda item: int(item[0])):
+        merged = {arm: pooled([r[arm] for r in rows]) for arm in ("central", "federated", "federated_pretrained")}
+        merged["public_only"] = rows[0]["public_only"]  # one pretraining, shared by every run
+        merged["dp"] = {}
+        for epsilon in sorted({e for r in rows for e in r["dp"]}, key=float):
+            parts = [r["dp"][epsilon] for r in rows if epsilon in r["dp"]]
+            merged["dp"][epsilon] = {**parts[0], "seeds": [s for part in parts for s in part["seeds"]],
+                                     "epsilon_spent_max": max(part["epsilon_spent_max"] for part in parts),
+                                     **{k: pooled([part[k] for part in parts]) for k in (
+                                         "dice", "ratio_to_best_nonprivate_federated", "ratio_to_federated")}}
+        merged_sizes[size] = merged
+    levers = None
+    lever_runs = [run["levers"] for run in runs if run["levers"]]
+    if lever_runs:
+        rows, previous = [], None
+        for row in lever_runs[0]["rows"]:
+            parts = [r for run in lever_runs for r in run["rows"] if r["lever"] == row["lever"]]
+            dice = pooled([part["dice"] for part in parts])
+            rows.append({**row, "dice": dice,
+                         "change_from_previous": None if previous is None else dice["mean"] - previous})
+            previous = dice["mean"]
+        levers = {**lever_runs[0], "rows": rows}
+    largest = merged_sizes.get(str(max(int(s) for s in merged_sizes)), {"dp": {}}) if merged_sizes else {"dp": {}}
+    at_eight = largest["dp"].get("8.0")
+    ratio = at_eight and at_eight["ratio_to_best_nonprivate_federated"]["mean"]
+    seconds: dict = {}
+    for run in runs:
+        for key, value in run["seconds"].items():
+            seconds[key] = seconds.get(key, 0.0) + value
+    return {"sizes": merged_sizes, "levers": levers,
+            "goal": {"size": max((int(s) for s in merged_sizes), default=None), "epsilon": 8.0,
+                     "target_ratio": GOAL_RATIO, "ratio": ratio, "met": bool(ratio and ratio >= GOAL_RATIO)},
+            "merged_from": names, "configs": [run["config"] for run in runs], "data": runs[0]["data"],
+            "seconds_summed_over_runs": seconds, "complete": all(run["complete"] for run in runs)}
+
+
+# Settings in which runs to be merged may differ.
+_PER_RUN = ("out", "epsilons", "seeds", "curve_seeds", "lever_seeds", "sizes", "no_grid", "no_levers", "lever_size", "merge")
 
 
 def _model_from(state: dict):
@@ -266,6 +349,9 @@ def _plot(results: dict, path: Path) -> None:
         curve.axhline(max(row["federated"]["mean"], row["federated_pretrained"]["mean"]), color=line.get_color(),
                       linestyle="--", label=f"non-private federated, {size}/site")
         curve.axhline(row["central"]["mean"], color=line.get_color(), linestyle=":", label=f"central, {size}/site")
+    if results["sizes"]:
+        public = next(iter(results["sizes"].values()))["public_only"]["mean"]
+        curve.axhline(public, color="grey", linestyle="-.", label="public-set model alone (no site data)")
     curve.set_xscale("log")
     curve.set_xlabel("epsilon per site (delta 1e-5)")
     curve.set_ylabel("test Dice (mean over seeds)")

@@ -1,7 +1,7 @@
 """Cohorts for the audit and the benchmarks, made the way a site's are: synthesised as DICOM +
 FHIR by :mod:`clinfed.data.synth`, then ingested (validation, pseudonyms, consent) by
 :func:`clinfed.data.ingest.ingest_site`. Kept in a folder so a benchmark's reruns reuse them: the
-ingested cases are cached beside each site folder (``<site>.cases.npz``), since ingesting a
+ingested cases are cached beside each site folder (``<site>.<study>.cases.npz``), since ingesting a
 thousand DICOM studies takes minutes."""
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import numpy as np
 from dataclasses import replace
 
 from clinfed.data.ingest import Case, ingest_site
-from clinfed.data.profiles import SITE_PROFILES
+from clinfed.data.profiles import SITE_PROFILES, STUDY_ID
 from clinfed.data.synth import synthesise, synthesise_site
 
 _MANIFEST = "cohort.json"
+_NO_OUTCOME = -1  # a case without an outcome, in the cache's integer column
 
 PUBLIC_PROFILE = replace(
     SITE_PROFILES[0], name="public", manufacturer="Canon", spacing_mm=(0.9, 0.9, 3.0),
@@ -61,15 +62,26 @@ def public_anatomy_set(folder: Path, *, n_patients: int, shape: tuple[int, int, 
 
 
 def _ingested(site_dir: Path) -> list[Case]:
-    cache = site_dir.with_name(site_dir.name + ".cases.npz")
+    """The site's cases under the demo study, from the cache beside the folder (written on first use).
+    The cache keeps what training reads: the affine (orientation and spacing) and the modality
+    (CT window or MR z-score)."""
+    cache = site_dir.with_name(f"{site_dir.name}.{STUDY_ID}.cases.npz")
     if not cache.exists():
-        cases = ingest_site(site_dir).cases
+        cases = ingest_site(site_dir, STUDY_ID).cases
         if not cases:
             return []
         np.savez(cache, pseudonym=np.array([c.pseudonym for c in cases]), image=np.stack([c.image for c in cases]),
                  label=np.stack([c.label for c in cases]), spacing=np.array([c.spacing for c in cases]),
-                 ehr=np.stack([c.ehr for c in cases]), outcome=np.array([c.outcome for c in cases]))
+                 ehr=np.stack([c.ehr for c in cases]),
+                 outcome=np.array([_NO_OUTCOME if c.outcome is None else c.outcome for c in cases]),
+                 affine=np.stack([_affine(c) for c in cases]), modality=np.array([c.modality for c in cases]))
     saved = np.load(cache)
-    return [Case(str(p), image, label, tuple(float(v) for v in spacing), ehr, int(outcome))
-            for p, image, label, spacing, ehr, outcome in zip(saved["pseudonym"], saved["image"], saved["label"],
-                                                              saved["spacing"], saved["ehr"], saved["outcome"])]
+    return [Case(str(p), image, label, tuple(float(v) for v in spacing), ehr,
+                 None if outcome == _NO_OUTCOME else int(outcome), affine, str(modality))
+            for p, image, label, spacing, ehr, outcome, affine, modality in zip(
+                saved["pseudonym"], saved["image"], saved["label"], saved["spacing"], saved["ehr"], saved["outcome"],
+                saved["affine"], saved["modality"])]
+
+
+def _affine(case: Case) -> np.ndarray:
+    return case.affine if case.affine is not None else np.diag([*case.spacing, 1.0])

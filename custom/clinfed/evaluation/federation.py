@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from clinfed.data.ingest import Case
+from clinfed.data.profiles import STUDY_ID
+from clinfed.data.study import load_study
 from clinfed.privacy.dp_sgd import SiteDPSGD
 from clinfed.training import (DEFAULT_BATCH_SIZE, DEFAULT_LOCAL_EPOCHS, DEFAULT_LR, DEFAULT_ROI, TrainConfig,
                               load_numpy_state, make_loader, new_model, state_to_numpy, train_epochs)
@@ -31,7 +33,8 @@ class Recipe:
     """How a federation trains: the executor's settings plus DP-SGD's (``dp_epsilon=None``: no DP).
 
     ``dp_*`` fields are ``SiteDPSGD``'s arguments of the same names; ``optimizer`` is ``adam`` (the
-    executor's, DP-Adam under DP) or ``sgd`` (momentum 0.9)."""
+    executor's, DP-Adam under DP) or ``sgd`` (momentum 0.9). ``study`` gives the training spacing,
+    intensity normalisation and EHR size (``roi`` overrides the study's patch size)."""
 
     rounds: int = 4
     local_epochs: int = DEFAULT_LOCAL_EPOCHS
@@ -46,6 +49,7 @@ class Recipe:
     dp_augmentation_multiplicity: int = 1
     dp_clipping: str = "flat"
     dp_accountant: str = "prv"
+    study: str = STUDY_ID
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -59,8 +63,10 @@ class Recipe:
     def private(self) -> bool:
         return self.dp_epsilon is not None and self.dp_epsilon != float("inf")
 
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, roi=self.roi)
+    def train_config(self, epochs: int | None = None) -> TrainConfig:
+        """The study's TrainConfig with this recipe's epochs (``local_epochs`` unless given), batch, lr and ROI."""
+        return TrainConfig.for_study(load_study(self.study), epochs=epochs or self.local_epochs,
+                                     batch_size=self.batch_size, lr=self.lr, roi=self.roi)
 
     def describe(self) -> dict:
         return asdict(self)
@@ -92,11 +98,11 @@ def train_federated(site_cases: Mapping[str, Sequence[Case]], recipe: Recipe, *,
     empty = [site for site, cases in site_cases.items() if not cases]
     if empty:
         raise ValueError(f"sites without training cases: {', '.join(empty)}")
+    config = recipe.train_config()
     torch.manual_seed(seed)
-    model = new_model()
+    model = new_model(config.ehr_size)
     if initial is not None:
         load_numpy_state(model, dict(initial))
-    config = recipe.train_config()
     loaders = {site: make_loader(list(cases), config, train=True) for site, cases in site_cases.items()}
     with tempfile.TemporaryDirectory() as tmp:
         budget_dir = Path(privacy_dir or tmp)
@@ -136,10 +142,10 @@ def train_central(cases: Sequence[Case], recipe: Recipe, *, epochs: int, seed: i
     pretraining on a public set), with the recipe's batch size, learning rate, ROI and optimiser."""
     if not cases:
         raise ValueError("no cases to train on")
+    config = recipe.train_config(epochs)
     torch.manual_seed(seed)
-    model = new_model()
+    model = new_model(config.ehr_size)
     if initial is not None:
         load_numpy_state(model, dict(initial))
-    config = TrainConfig(epochs=epochs, batch_size=recipe.batch_size, lr=recipe.lr, roi=recipe.roi)
     train_epochs(model, make_loader(list(cases), config, train=True), config, optimizer=make_optimizer(model, recipe))
     return model

@@ -37,12 +37,13 @@ brings TensorFlow into a PyTorch project for about forty lines of arithmetic.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score, roc_curve
@@ -51,7 +52,7 @@ from clinfed.data.ingest import Case, ingest_site
 from clinfed.data.profiles import STUDY_ID
 from clinfed.errors import ClinfedError
 from clinfed.evaluation.federation import Recipe, train_federated
-from clinfed.training import TrainConfig, load_numpy_state, make_loader, new_model, split_cases
+from clinfed.training import TrainConfig, _patch_around, load_numpy_state, make_loader, new_model, split_cases
 
 ATTACKS = ("loss_threshold", "lira_online", "lira_offline")
 # Views the signals are read on: as sampled, and flipped like the training augmentation (RandFlipd, axis 0).
@@ -73,20 +74,25 @@ class CaseSignals:
 
 
 @torch.no_grad()
-def case_signals(model: torch.nn.Module, cases: Sequence[Case], roi: tuple[int, int, int],
-                 outcome_weight: float = TrainConfig.outcome_weight) -> CaseSignals:
-    """The model's loss and logit-scaled confidences on ``cases`` (no augmentation but the views)."""
+def case_signals(model: torch.nn.Module, cases: Sequence[Case], config: TrainConfig) -> CaseSignals:
+    """The model's loss and logit-scaled confidences on ``cases`` (no augmentation but the views),
+    each case whole at the study's spacing: the segmentation by sliding windows of ``config.roi``,
+    the outcome head on the ROI patch around the case's lesion (where training's positive patches sit)."""
     model.eval()
     device = next(model.parameters()).device
     seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
     losses, confidences = [], []
-    for batch in make_loader(list(cases), TrainConfig(batch_size=8, roi=roi), train=False):
+    for batch in make_loader(list(cases), config, train=False):
         image, label = batch["image"].to(device), batch["label"].to(device)
         ehr, outcome = batch["ehr"].to(device), batch["outcome"].to(device)
+        patch = _patch_around(image, label[0, 0], config.roi)
         per_view = []
         for dims in VIEWS:
-            seg_logits, outcome_logit = model(image.flip(dims) if dims else image, ehr)
+            view = image.flip(dims) if dims else image
+            seg_logits = sliding_window_inference(view, config.roi, sw_batch_size=4, overlap=0.25,
+                                                  predictor=lambda x: model(x, ehr.expand(x.shape[0], -1))[0])
             seg_logits = seg_logits.flip(dims) if dims else seg_logits
+            _, outcome_logit = model(patch.flip(dims) if dims else patch, ehr)
             sign = 2.0 * label[:, 0] - 1.0  # +1 on tumour voxels, -1 elsewhere
             margin = sign * (seg_logits[:, 1] - seg_logits[:, 0])
             tumour = label[:, 0]
@@ -94,9 +100,8 @@ def case_signals(model: torch.nn.Module, cases: Sequence[Case], roi: tuple[int, 
                          (margin * tumour).sum(dim=(1, 2, 3)) / tumour.sum(dim=(1, 2, 3)).clamp(min=1.0),
                          margin.mean(dim=(1, 2, 3))]
             if not dims:
-                for i in range(image.shape[0]):
-                    bce = torch.nn.functional.binary_cross_entropy_with_logits(outcome_logit[i], outcome[i])
-                    losses.append(float(seg_loss(seg_logits[i:i + 1], label[i:i + 1]) + outcome_weight * bce))
+                bce = torch.nn.functional.binary_cross_entropy_with_logits(outcome_logit, outcome)
+                losses.append(float(seg_loss(seg_logits, label) + config.outcome_weight * bce))
         confidences.append(torch.stack(per_view, dim=1).cpu().numpy())
     return CaseSignals(np.asarray(losses), np.concatenate(confidences).astype(np.float64))
 
@@ -195,6 +200,7 @@ def train_pool(site_pools: Mapping[str, Sequence[Case]], recipe: Recipe, *, site
     if small:
         raise ValueError(f"sites with fewer than 2 patients cannot be split into members and non-members: {small}")
     rng = np.random.default_rng(seed)
+    config = recipe.train_config()
     cases = [c for site in sites for c in site_pools[site]]
     member = np.zeros((n_models, len(cases)), dtype=bool)
     signals, epsilon = [], []
@@ -207,7 +213,7 @@ def train_pool(site_pools: Mapping[str, Sequence[Case]], recipe: Recipe, *, site
             chosen_at[name] = chosen
         member[k] = np.concatenate([chosen_at[site] for site in sites])
         trained = train_federated(halves, recipe, seed=seed * 1000 + k, initial=initial)
-        signals.append(case_signals(trained.model, cases, recipe.roi))
+        signals.append(case_signals(trained.model, cases, config))
         epsilon.append(trained.epsilon)
         if progress is not None:
             progress(k + 1)
@@ -245,7 +251,7 @@ def audit_pool(pool: TrainedPool, *, site: str | None = None, seed: int = 0, n_b
 
 
 def audit_model(model: torch.nn.Module, members: Sequence[Case], non_members: Sequence[Case], pool: TrainedPool,
-                roi: tuple[int, int, int], *, seed: int = 0, n_bootstrap: int = 500) -> dict:
+                config: TrainConfig, *, seed: int = 0, n_bootstrap: int = 500) -> dict:
     """Attack one given model (a job's final global model): ``members`` were its training patients at
     the pool's site, ``non_members`` the site's held-out ones; the pool's models are the shadows."""
     index = {c.pseudonym: i for i, c in enumerate(pool.cases)}
@@ -254,7 +260,7 @@ def audit_model(model: torch.nn.Module, members: Sequence[Case], non_members: Se
         raise ValueError(f"{len(unknown)} case(s) are not in the shadow models' pool (first: {unknown[0]})")
     cases = [*members, *non_members]
     rows = [index[c.pseudonym] for c in cases]
-    target = case_signals(model, cases, roi)
+    target = case_signals(model, cases, config)
     confidence = np.stack([s.confidence[rows] for s in pool.signals])
     online, offline = lira_scores(target.confidence, confidence, pool.member[:, rows])
     label = np.r_[np.ones(len(members), bool), np.zeros(len(non_members), bool)]
@@ -280,11 +286,11 @@ def figures_table(figures: dict) -> str:
     return "\n".join(lines)
 
 
-def load_global_model(path: Path) -> torch.nn.Module:
+def load_global_model(path: Path, ehr_size: int) -> torch.nn.Module:
     """A FusionSegNet from a plain state dict or a ``PTFileModelPersistor`` file (``{"model": ...}``)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=False)
-        model = new_model()
+        model = new_model(ehr_size)
         load_numpy_state(model, saved["model"] if "model" in saved else saved)
     except Exception as err:
         raise AuditInputError(f"{path}: not a FusionSegNet state dict or a PTFileModelPersistor file "
@@ -308,11 +314,12 @@ def audit_data_folder(data: Path, recipe: Recipe, *, site: str, n_models: int, s
         raise AuditInputError(f"--site {site}: not among the sites in {data} ({', '.join(sorted(pools))})")
     if model_file is not None and len(targets) != 1:
         raise AuditInputError("--model attacks one site's patients: give --site SITE, not all")
-    model = load_global_model(model_file) if model_file is not None else None
+    recipe = replace(recipe, study=study)
+    model = load_global_model(model_file, recipe.train_config().ehr_size) if model_file is not None else None
     pool = train_pool(pools, recipe, sites=targets, n_models=n_models, seed=seed, progress=progress)
     if model is not None:
         members, held_out = split_cases(pools[targets[0]])
-        figures = audit_model(model, members, held_out, pool, recipe.roi, seed=seed)
+        figures = audit_model(model, members, held_out, pool, recipe.train_config(), seed=seed)
         target = f"{model_file} on {targets[0]}'s training vs validation patients"
     else:
         figures = audit_pool(pool, seed=seed)
