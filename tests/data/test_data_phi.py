@@ -122,28 +122,20 @@ def test_data_check_output_carries_no_identifier_of_a_damaged_site(site_copy, ca
         assert leaks_in_text(identifiers, captured.out + captured.err) == set()
 
 
-def test_full_demo_prints_writes_and_records_no_identifier(tmp_path):
-    """``clinfed demo --quick --rounds 1`` as a user runs it: its output, results, plots, FLARE
-    workspace (every participant's logs and run files) and ledger hold no identifier of any
-    site's input."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
+def test_full_demo_prints_writes_and_records_no_identifier(tmp_path_factory):
+    """``make demo`` of the quick demo as a user runs it (the session's shared run, tests/demo_run.py):
+    its output, results, plots, report, FLARE workspace (every participant's logs and run files)
+    and ledger hold no identifier of any site's input."""
+    from demo_run import shared_demo_run
     from phi_scan import leaks_in_text, leaks_in_tree
 
-    out = tmp_path / "demo"
-    clinfed = Path(sys.executable).parent / "clinfed"
-    env = {k: v for k, v in os.environ.items() if k not in ("CLINFED_LEDGER", "CLINFED_DATA_ROOT", "CLINFED_JOB_ID")}
-    proc = subprocess.run([str(clinfed), "demo", "--quick", "--rounds", "1", "--out", str(out)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = shared_demo_run(tmp_path_factory)
+    out = run.out
     # The sites' input: their training data and their held-out test patients.
     inputs = (out / "data", out / "test_data")
     sites = sorted(p for folder in inputs for p in folder.iterdir() if p.is_dir())
     identifiers = set().union(*(identifiers_in_input(site) for site in sites))
     assert len(sites) == 6 and len(identifiers) > 300
     assert (out / "results.json").is_file() and (out / "ledger.sqlite").is_file()
-    assert leaks_in_text(identifiers, proc.stdout + proc.stderr) == set()
+    assert leaks_in_text(identifiers, run.stdout + run.stderr) == set()
     assert leaks_in_tree(identifiers, out, skip=inputs) == {}
