@@ -31,6 +31,8 @@ ROI = (16, 16, 16)
 # 32 epochs, a high learning rate. The DP arm differs only by dp_epsilon.
 RECIPE = Recipe(rounds=2, local_epochs=16, batch_size=2, lr=1e-2, roi=ROI)
 MODELS = 8
+# The first test using ``audits`` trains its 16 federations (about 12 minutes on 2 busy cores).
+TRAINS_THE_AUDITS = pytest.mark.timeout(1800)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,7 @@ def audits(pools):
     return plain, private
 
 
+@TRAINS_THE_AUDITS
 def test_without_dp_lira_tells_training_patients_from_held_out_ones(audits):
     plain, _ = audits
     lira = audit_pool(plain)["lira_online"]
@@ -55,6 +58,7 @@ def test_without_dp_lira_tells_training_patients_from_held_out_ones(audits):
     assert lira["auc_ci95"][0] > 0.5
 
 
+@TRAINS_THE_AUDITS
 def test_with_dp_at_epsilon_8_the_same_attacks_on_the_same_data_find_nothing_measurable(audits):
     plain, private = audits
     assert np.array_equal(plain.member, private.member)  # the same patients in and out, model by model
