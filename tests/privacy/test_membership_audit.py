@@ -48,10 +48,17 @@ def audits(pools):
     return plain, private
 
 
+def strongest_lira(figures: dict) -> dict:
+    """The attacker's pick of LiRA's two variants: online (IN and OUT shadows) or offline (OUT only).
+    Which is stronger depends on the model (since the outcome head reads detached features,
+    offline, whose OUT fits use every shadow, is)."""
+    return max((figures["lira_online"], figures["lira_offline"]), key=lambda f: f["advantage_over_chance"])
+
+
 @TRAINS_THE_AUDITS
 def test_without_dp_lira_tells_training_patients_from_held_out_ones(audits):
     plain, _ = audits
-    lira = audit_pool(plain)["lira_online"]
+    lira = strongest_lira(audit_pool(plain))
     assert lira["decisions"] >= 150
     assert lira["advantage_over_chance"] >= 0.10
     assert lira["p_value"] <= 0.01
@@ -63,7 +70,7 @@ def test_with_dp_at_epsilon_8_the_same_attacks_on_the_same_data_find_nothing_mea
     plain, private = audits
     assert np.array_equal(plain.member, private.member)  # the same patients in and out, model by model
     assert all(0 < eps <= 8.0 for spent in private.epsilon for eps in spent.values())
-    leaky = audit_pool(plain)["lira_online"]
+    leaky = strongest_lira(audit_pool(plain))
     for attack, figures in audit_pool(private).items():
         assert figures["advantage_over_chance_ci95"][0] <= 0.02, attack
         assert figures["advantage_over_chance"] < leaky["advantage_over_chance"] - 0.05, attack
