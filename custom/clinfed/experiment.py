@@ -77,6 +77,8 @@ LEDGER_FILE = "ledger.sqlite"
 # Beside the ledger: one folder per simulated site holding what its kit's local/clinfed_site.json would say.
 SITES_DIR = "sites"
 FLARE_WORKSPACE = "flare_workspace"
+# The weights every arm starts from; the federated job's persistor loads them.
+INITIAL_MODEL_FILE = "initial_model.pt"
 # FLARE's log configuration without its console handler: every participant logs to files only.
 FLARE_FILES_ONLY_LOG_CONFIG = "log_config_files_only.json"
 # What FLARE's own code prints (not logs) during a quiet run goes here, in the workspace.
@@ -133,11 +135,13 @@ class DemoConfig:
     def job_name(self) -> str:
         return FEDAVG_JOB_NAME if self.privacy == "none" else PRIVATE_JOB_NAME
 
-    def recipe(self) -> TumourSegFedAvgRecipe:
-        """The federated job of this configuration (the committed jobs with the demo's sizes)."""
+    def recipe(self, initial_ckpt: Path | None = None) -> TumourSegFedAvgRecipe:
+        """The federated job of this configuration (the committed jobs with the demo's sizes),
+        starting from the weights in ``initial_ckpt`` if given."""
         return TumourSegFedAvgRecipe(name=self.job_name, study=self.study, min_clients=self.sites, num_rounds=self.rounds,
                                      local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
-                                     roi=self.roi, privacy=self.privacy, dp_target_epsilon=self.dp_target_epsilon)
+                                     roi=self.roi, privacy=self.privacy, dp_target_epsilon=self.dp_target_epsilon,
+                                     initial_ckpt=str(Path(initial_ckpt).resolve()) if initial_ckpt else None)
 
     @property
     def total_epochs(self) -> int:
@@ -237,12 +241,17 @@ def ingest_cohorts(data_dir: Path, config: DemoConfig, watcher: Watcher, test_di
     return cohorts
 
 
+def initial_model(config: DemoConfig) -> torch.nn.Module:
+    """The initialisation every arm starts from, under the configuration's seed."""
+    torch.manual_seed(config.seed)
+    return new_model(config.train_config.ehr_size)
+
+
 def train_model(train: list[Case], config: DemoConfig, advance: Callable[[int], None] = lambda n=1: None):
     """A fresh model trained on ``train`` for the whole epoch budget. One ``train_epochs`` call
     per epoch with one optimiser is the same training as one call for all of them, and lets the
     caller follow it epoch by epoch."""
-    torch.manual_seed(config.seed)
-    model = new_model(config.train_config.ehr_size)
+    model = initial_model(config)
     one_epoch = TrainConfig(**{**asdict(config.train_config), "epochs": 1})
     loader = make_loader(train, one_epoch, train=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=one_epoch.lr)
@@ -640,6 +649,8 @@ def federated_arm(data_dir: Path, out_dir: Path, config: DemoConfig, evaluation:
                               study=config.study)
     job_id = new_job_id(config.job_name)
     workspace = out_dir / FLARE_WORKSPACE
+    initial_ckpt = out_dir / INITIAL_MODEL_FILE
+    torch.save(initial_model(config).state_dict(), initial_ckpt)
     log_config = files_only_log_config(workspace) if flare_logs_to_files else None
     if log_config:
         watcher.message(f"FLARE logs: {workspace / config.job_name}/<server|site-N>/log.txt")
@@ -653,7 +664,7 @@ def federated_arm(data_dir: Path, out_dir: Path, config: DemoConfig, evaluation:
         try:
             with RoundFollower(server_run_dir(workspace, config.job_name) / ROUND_LOG_FILE, on_round) as follower:
                 run_dir = run_federated(data_dir, workspace, config, ledger_path=ledger_path, job_id=job_id,
-                                        flare_log_config=log_config)
+                                        recipe=config.recipe(initial_ckpt), flare_log_config=log_config)
             if follower.error is not None:
                 raise follower.error
             federated, cross_site = read_federated_results(run_dir, evaluation, config)

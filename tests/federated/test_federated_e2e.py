@@ -4,9 +4,11 @@ import hashlib
 import json
 
 import pytest
+import torch
 
 from clinfed.demo import run_demo
-from clinfed.experiment import LEDGER_FILE, SERVER_MODEL_KEY, DemoConfig
+from clinfed.experiment import (FLARE_WORKSPACE, INITIAL_MODEL_FILE, LEDGER_FILE, SERVER_MODEL_KEY, DemoConfig,
+                                initial_model)
 from clinfed.ledger import LocalLedger
 
 # Three tiny non-IID sites (two CT scanners, one T1 MR; different scale, noise, spacing and lesion
@@ -79,6 +81,15 @@ def test_every_arm_is_scored_on_every_sites_held_out_test_set_with_intervals(dem
         assert abs(difference["union"]["mean"] - (results["federated"]["dice"]["mean"] - local)) < 1e-9
         assert _is_score(difference["union"], -1.0, 1.0) and _is_score(difference["own_site"], -1.0, 1.0)
     assert results["site_profiles"]["site-3"]["protocol"]
+
+
+def test_federated_job_starts_from_the_initialisation_of_the_other_arms(demo_run):
+    out, _ = demo_run
+    saved = torch.load(out / INITIAL_MODEL_FILE, weights_only=True)
+    expected = initial_model(TINY).state_dict()
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in expected)
+    server_log = (out / FLARE_WORKSPACE / TINY.job_name / "server" / "log.txt").read_text()
+    assert f"Loading checkpoint from {(out / INITIAL_MODEL_FILE).resolve()}" in server_log
 
 
 def test_global_model_improves_on_the_initial_one(demo_run):

@@ -24,6 +24,7 @@ from pathlib import Path
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.job_config.defs import FilterType
+from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from nvflare.app_opt.pt.job_config.base_fed_job import BaseFedJob
 from nvflare.recipe.spec import Recipe
 
@@ -83,6 +84,9 @@ class TumourSegFedAvgRecipe(Recipe):
         mask_weight_bound: bound on the sum of the sites' ``n_samples`` in the first masked round.
         mask_noise_multiplier: update-level DP inside the mask: sigma of the Skellam noise on the
             sum (0: none). Each site checks it against its own policy.
+        initial_ckpt: absolute path, on the server, of the starting weights (a state dict); None:
+            the persistor's freshly initialised model. The demo passes the initialisation its
+            centralised and local arms start from.
     """
 
     def __init__(self, *, name: str = FEDAVG_JOB_NAME, min_clients: int = 3, num_rounds: int = DEFAULT_ROUNDS,
@@ -90,14 +94,16 @@ class TumourSegFedAvgRecipe(Recipe):
                  roi: tuple[int, int, int] | None = None, cross_site_eval: bool = True, study: str = STUDY_ID,
                  ledger_policy: str | None = None, privacy: str = "none", dp_target_epsilon: float = 8.0,
                  dp_max_grad_norm: float = 1.0, mask_clip_range: float = 0.5, mask_weight_bound: float = 1e4,
-                 mask_noise_multiplier: float = 0.0):
+                 mask_noise_multiplier: float = 0.0, initial_ckpt: str | None = None):
         # The recipe's own arguments; the executor and the workflows check theirs when built.
         arguments.choice("privacy", privacy, PRIVACY_MODES)
         arguments.positive_int("min_clients", min_clients)
         arguments.positive_int("num_rounds", num_rounds)
         dp, mask = privacy in ("dp", "dp+mask"), privacy in ("mask", "dp+mask")
-        job = BaseFedJob(initial_model=FusionSegNet(ehr_features=load_study(study).ehr_size), name=name,
-                         min_clients=min_clients, key_metric="dice")
+        model = FusionSegNet(ehr_features=load_study(study).ehr_size)
+        persistor = PTFileModelPersistor(model=model, source_ckpt_file_full_name=initial_ckpt) if initial_ckpt else None
+        job = BaseFedJob(initial_model=model, name=name, min_clients=min_clients, key_metric="dice",
+                         model_persistor=persistor)
         persistor_id = job.comp_ids["persistor_id"]
         if mask:
             workflow = SecAggFedAvg(num_clients=min_clients, num_rounds=num_rounds, persistor_id=persistor_id,
