@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="synthetic 3-site run: centralised vs local-only vs federated (FLARE SimEnv)")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for data, FLARE workspace, results")
-    demo.add_argument("--quick", action="store_true", help="small data and 3 rounds (under 3 minutes)")
+    demo.add_argument("--quick", action="store_true", help="small data and 6 rounds (under 3 minutes): a smoke test")
     demo.add_argument("--rounds", type=_positive, help="override the number of federated rounds")
     demo.add_argument("--privacy", choices=PRIVACY_MODES, default="none",
                       help="federated arm: DP-SGD at every site (dp), secure masking (mask), or both")
