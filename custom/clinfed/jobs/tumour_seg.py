@@ -45,7 +45,7 @@ from clinfed.workflows.fedavg import FedAvg
 from clinfed.workflows.secagg_fedavg import SecAggFedAvg
 
 FEDAVG_JOB_NAME = "tumour_seg_fedavg"
-DEFAULT_ROUNDS = 8
+DEFAULT_ROUNDS = 16
 # FLARE's workflows check for results every 0.5 s by default, so any work a round adds (masking,
 # DP filters) costs a whole period; at 0.05 s a round ends within 0.05 s of its last result.
 TASK_CHECK_PERIOD = 0.05
