@@ -14,6 +14,7 @@ decisions (the estimate's noise is about 0.26 x sqrt(1/n_in + 1/n_out)): ``bench
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 
@@ -94,6 +95,9 @@ def test_eval_privacy_attacks_a_saved_global_model_and_refuses_an_unknown_site(t
     from clinfed.training import new_model
 
     synthesise(tmp_path / "data", 2, 8, ROI, seed=3)
+    # The site's key is a random secret and picks the validation patients (the non-members); this one
+    # gives site-1 four training and two validation patients with this seed.
+    _set_site_key(tmp_path / "data" / "site-1", "clinfed-mia-site-1-0")
     model_file = tmp_path / "FL_global_model.pt"
     torch.save({"model": new_model().state_dict()}, model_file)
     common = ["eval", "privacy", "--data", str(tmp_path / "data"), "--models", "2", "--rounds", "1",
@@ -108,3 +112,11 @@ def test_eval_privacy_attacks_a_saved_global_model_and_refuses_an_unknown_site(t
     (tmp_path / "broken.pt").write_bytes(b"not a model")
     assert main([*common, "--model", str(tmp_path / "broken.pt")]) == 2
     assert "broken.pt: not a FusionSegNet state dict" in capsys.readouterr().err
+    # A key that puts all six of site-1's patients in training leaves nobody to compare them with.
+    _set_site_key(tmp_path / "data" / "site-1", "clinfed-mia-site-1-6")
+    assert main([*common, "--model", str(model_file)]) == 2
+    assert "--site site-1: 6 training and 0 validation patient(s)" in capsys.readouterr().err
+
+
+def _set_site_key(site_dir, seed: str) -> None:
+    (site_dir / "site_secret.key").write_text(hashlib.sha256(seed.encode()).hexdigest() + "\n")

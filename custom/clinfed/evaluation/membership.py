@@ -319,6 +319,9 @@ def audit_data_folder(data: Path, recipe: Recipe, *, site: str, n_models: int, s
     pool = train_pool(pools, recipe, sites=targets, n_models=n_models, seed=seed, progress=progress)
     if model is not None:
         members, held_out = split_cases(pools[targets[0]])
+        if not members or not held_out:
+            raise AuditInputError(f"--site {targets[0]}: {len(members)} training and {len(held_out)} validation "
+                                  "patient(s) by its pseudonym split; attacking a model needs both")
         figures = audit_model(model, members, held_out, pool, recipe.train_config(), seed=seed)
         target = f"{model_file} on {targets[0]}'s training vs validation patients"
     else:
