@@ -63,7 +63,7 @@ def lease_block(root: str | os.PathLike, endpoints: Callable[[str], Iterable[tup
             block = f"{PREFIX}.{b}"
             lease = directory / block
             holder = _holder(lease)
-            if holder is not None and holder != root and _in_use(holder, block):
+            if holder is not None and holder != root and _in_use(lease, block):
                 continue
             busy = _first_busy(endpoints(block))
             if busy is not None:
@@ -98,12 +98,30 @@ def _holder(lease: Path) -> str | None:
                            f"{lease.name}") from exc
 
 
-def _in_use(root: str, block: str) -> bool:
-    """Whether the network folder ``root`` still describes a network on ``block``."""
+def _in_use(lease: Path, block: str) -> bool:
+    """Whether the lease's network still holds ``block``: its folder describes a network on it, or
+    has no description yet while the process that leased it runs (it writes ``network.json`` after
+    the lease, outside the lock; another process must not take the block in between)."""
+    record = json.loads(lease.read_text())
+    root = Path(record["root"])
     try:
-        return json.loads((Path(root) / "network.json").read_text()).get("block") == block
+        return json.loads((root / "network.json").read_text()).get("block") == block
+    except FileNotFoundError:
+        return root.is_dir() and _running(record.get("pid"))
     except (OSError, ValueError):
         return False
+
+
+def _running(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _first_busy(endpoints: Iterable[tuple[str, int]]) -> tuple[str, int] | None:

@@ -89,3 +89,19 @@ def test_concurrent_processes_never_share_a_block(tmp_path):
         assert child.exitcode == 0
     blocks = [queue.get(timeout=5) for _ in children]
     assert len(set(blocks)) == len(blocks)
+
+
+def test_a_block_leased_but_not_yet_described_is_not_taken_while_its_process_runs(tmp_path):
+    # The holder writes network.json after the lease, outside the lock: in between, the lease is live.
+    setting_up = addresses.lease_block(network_folder(tmp_path, "setting-up"), endpoints)
+    assert addresses.lease_block(network_folder(tmp_path, "other"), endpoints) != setting_up
+
+
+def test_a_block_leased_by_a_process_that_died_before_describing_it_is_taken_over(tmp_path):
+    dead = multiprocessing.get_context("spawn").Process(target=int)
+    dead.start()
+    dead.join(60)
+    crashed = network_folder(tmp_path, "crashed")
+    block = addresses.lease_block(crashed, endpoints)
+    (addresses.lease_dir() / block).write_text(json.dumps({"root": str(crashed.resolve()), "pid": dead.pid}))
+    assert addresses.lease_block(network_folder(tmp_path, "next"), endpoints) == block
