@@ -113,8 +113,8 @@ class DemoConfig:
     @classmethod
     def quick(cls, study: str = STUDY_ID) -> "DemoConfig":
         # Batch 1: twice the optimiser steps of the default in the same time. Six rounds of two
-        # epochs: three runs each on this 2-core machine, federated / centralised Dice was 0.66-0.70
-        # after 3 rounds (70 s a run) and 0.75-1.00, mean 0.88, after 6 (91-98 s).
+        # epochs: on this 2-core machine, federated / centralised Dice was 0.66-0.70 after 3 rounds
+        # (three runs, about 70 s each) and 0.75-1.00, mean 0.88, after 6 (four runs, 91-98 s).
         return cls(patients=12, test_patients=12, shape=(32, 32, 16) if study == STUDY_ID else None, rounds=6,
                    local_epochs=2, batch_size=1, study=study)
 
